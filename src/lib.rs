@@ -1,0 +1,4 @@
+//! yametee-deploy: brings the yametee hosts from an inventory file to running, firewalled,
+//! verified state over SSH.
+
+pub mod lab;
