@@ -1,0 +1,178 @@
+//! Secret values: resolved from the environment or a file at run time, and redacted from every
+//! piece of text the tool shows.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::inventory::{Inventory, SecretRef};
+
+/// Resolved secret values, keyed by the inventory setting that refers to them.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    values: BTreeMap<String, String>,
+    /// Shown in place of a secret: `<secret:app.database.password>`.
+    placeholders: BTreeMap<String, String>,
+    /// Whether the values are the placeholders themselves (rendering for review).
+    placeholder_mode: bool,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets").field("keys", &self.values.keys()).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("missing secret for {setting}: environment variable {name} is not set")]
+    MissingEnv { setting: String, name: String },
+    #[error("cannot read the secret for {setting} from {}", path.display())]
+    ReadFile {
+        setting: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("empty secret for {setting} from {source_ref}")]
+    Empty { setting: String, source_ref: String },
+}
+
+impl Secrets {
+    /// Resolves every secret of the inventory. `fallback` supplies values for `{env: NAME}`
+    /// references whose variable is unset (the lab keeps generated passwords there).
+    pub fn resolve(
+        inventory: &Inventory,
+        fallback: &BTreeMap<String, String>,
+    ) -> Result<Secrets, SecretError> {
+        let mut secrets = Secrets::default();
+        for (setting, reference) in inventory.secret_refs() {
+            let value = match reference {
+                SecretRef::Env(name) => match std::env::var(name) {
+                    Ok(value) => value,
+                    Err(_) => fallback.get(name).cloned().ok_or_else(|| SecretError::MissingEnv {
+                        setting: setting.to_string(),
+                        name: name.clone(),
+                    })?,
+                },
+                SecretRef::File(path) => std::fs::read_to_string(path)
+                    .map_err(|source| SecretError::ReadFile {
+                        setting: setting.to_string(),
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            };
+            if value.is_empty() {
+                return Err(SecretError::Empty {
+                    setting: setting.to_string(),
+                    source_ref: reference.to_string(),
+                });
+            }
+            secrets.insert(setting, value);
+        }
+        Ok(secrets)
+    }
+
+    /// Stands placeholders in for every secret, for rendering without access to the values.
+    pub fn placeholders(inventory: &Inventory) -> Secrets {
+        let mut secrets = Secrets { placeholder_mode: true, ..Secrets::default() };
+        for setting in inventory.secret_refs().keys() {
+            let placeholder = placeholder(setting);
+            secrets.insert(setting, placeholder);
+        }
+        secrets
+    }
+
+    fn insert(&mut self, setting: &str, value: String) {
+        self.placeholders.insert(setting.to_string(), placeholder(setting));
+        self.values.insert(setting.to_string(), value);
+    }
+
+    /// The value of a secret setting such as `app.redis.password`.
+    pub fn get(&self, setting: &str) -> &str {
+        self.values.get(setting).map(String::as_str).unwrap_or_default()
+    }
+
+    /// The value of a secret setting, percent-encoded for the user-info part of a URL.
+    /// Placeholders stay readable.
+    pub fn url_component(&self, setting: &str) -> String {
+        if self.placeholder_mode {
+            return self.get(setting).to_string();
+        }
+        percent_encode(self.get(setting))
+    }
+
+    /// Replaces every secret value in `text` with its placeholder.
+    pub fn redact(&self, text: &str) -> String {
+        let mut redacted = text.to_string();
+        // Longer values first, so a secret that contains another is replaced whole.
+        let mut pairs: Vec<(&String, &String)> = self.values.iter().collect();
+        pairs.sort_by_key(|(_, value)| std::cmp::Reverse(value.len()));
+        for (setting, value) in pairs {
+            if value.is_empty() || *value == self.placeholders[setting] {
+                continue;
+            }
+            redacted = redacted.replace(value.as_str(), &self.placeholders[setting]);
+            let encoded = percent_encode(value);
+            if encoded != *value {
+                redacted = redacted.replace(&encoded, &self.placeholders[setting]);
+            }
+        }
+        redacted
+    }
+}
+
+fn placeholder(setting: &str) -> String {
+    format!("<secret:{setting}>")
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, for passwords in URLs.
+pub fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(pairs: &[(&str, &str)]) -> Secrets {
+        let mut secrets = Secrets::default();
+        for (setting, value) in pairs {
+            secrets.insert(setting, value.to_string());
+        }
+        secrets
+    }
+
+    #[test]
+    fn redact_replaces_plain_and_encoded_values() {
+        let secrets = secrets(&[("app.redis.password", "p@ss word")]);
+        let text = "requirepass p@ss word\nREDIS_URL=redis://:p%40ss%20word@10.0.0.1:6379/0";
+        let redacted = secrets.redact(text);
+        assert_eq!(
+            redacted,
+            "requirepass <secret:app.redis.password>\n\
+             REDIS_URL=redis://:<secret:app.redis.password>@10.0.0.1:6379/0"
+        );
+    }
+
+    #[test]
+    fn redact_prefers_longer_secret() {
+        let secrets = secrets(&[("a", "abc"), ("b", "abcdef")]);
+        assert_eq!(secrets.redact("x abcdef abc"), "x <secret:b> <secret:a>");
+    }
+
+    #[test]
+    fn percent_encode_keeps_unreserved() {
+        assert_eq!(percent_encode("Az09-._~"), "Az09-._~");
+        assert_eq!(percent_encode("a/b:c@d"), "a%2Fb%3Ac%40d");
+    }
+}
