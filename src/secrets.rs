@@ -84,6 +84,16 @@ impl Secrets {
         secrets
     }
 
+    /// Secrets with the given values, for tests of code that redacts.
+    #[cfg(test)]
+    pub fn for_tests(pairs: &[(&str, &str)]) -> Secrets {
+        let mut secrets = Secrets::default();
+        for (setting, value) in pairs {
+            secrets.insert(setting, value.to_string());
+        }
+        secrets
+    }
+
     fn insert(&mut self, setting: &str, value: String) {
         self.placeholders.insert(setting.to_string(), placeholder(setting));
         self.values.insert(setting.to_string(), value);
@@ -144,17 +154,9 @@ pub fn percent_encode(text: &str) -> String {
 mod tests {
     use super::*;
 
-    fn secrets(pairs: &[(&str, &str)]) -> Secrets {
-        let mut secrets = Secrets::default();
-        for (setting, value) in pairs {
-            secrets.insert(setting, value.to_string());
-        }
-        secrets
-    }
-
     #[test]
     fn redact_replaces_plain_and_encoded_values() {
-        let secrets = secrets(&[("app.redis.password", "p@ss word")]);
+        let secrets = Secrets::for_tests(&[("app.redis.password", "p@ss word")]);
         let text = "requirepass p@ss word\nREDIS_URL=redis://:p%40ss%20word@10.0.0.1:6379/0";
         let redacted = secrets.redact(text);
         assert_eq!(
@@ -166,7 +168,7 @@ mod tests {
 
     #[test]
     fn redact_prefers_longer_secret() {
-        let secrets = secrets(&[("a", "abc"), ("b", "abcdef")]);
+        let secrets = Secrets::for_tests(&[("a", "abc"), ("b", "abcdef")]);
         assert_eq!(secrets.redact("x abcdef abc"), "x <secret:b> <secret:a>");
     }
 

@@ -1,0 +1,397 @@
+//! SSH to the hosts: one multiplexed OpenSSH connection per host, remote commands built as
+//! argv and quoted by one helper, `sudo -n` for root, and a timeout on every command.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use tokio::io::AsyncWriteExt;
+
+use crate::inventory::Host;
+
+/// Default limit for one remote command.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Quotes `word` for a POSIX shell: words of safe characters stay as they are, anything else
+/// is put in single quotes.
+pub fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
+    if safe {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r#"'\''"#))
+}
+
+/// A command to run on a host, kept as argv until it is sent.
+#[derive(Debug, Clone)]
+pub struct RemoteCommand {
+    argv: Vec<String>,
+    run_as: RunAs,
+    stdin: Option<Vec<u8>>,
+    timeout: Duration,
+    /// What the command does, shown in messages instead of the argv (for scripts).
+    label: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RunAs {
+    LoginUser,
+    Root,
+    User(String),
+}
+
+impl RemoteCommand {
+    pub fn new(program: &str) -> RemoteCommand {
+        RemoteCommand {
+            argv: vec![program.to_string()],
+            run_as: RunAs::LoginUser,
+            stdin: None,
+            timeout: DEFAULT_COMMAND_TIMEOUT,
+            label: None,
+        }
+    }
+
+    /// A shell script run by `sh -c`, with `args` as its positional parameters `$1`, `$2`, ….
+    /// The script is a constant; values only ever travel as arguments.
+    pub fn script(label: &str, script: &str, args: &[&str]) -> RemoteCommand {
+        let mut command = RemoteCommand::new("sh");
+        command.label = Some(label.to_string());
+        command.argv.extend(["-c".to_string(), script.to_string(), "sh".to_string()]);
+        command.argv.extend(args.iter().map(|arg| arg.to_string()));
+        command
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.argv.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.argv.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn as_root(mut self) -> Self {
+        self.run_as = RunAs::Root;
+        self
+    }
+
+    pub fn as_user(mut self, user: &str) -> Self {
+        self.run_as = RunAs::User(user.to_string());
+        self
+    }
+
+    /// Bytes written to the command's standard input; the way secrets reach a host, so they
+    /// never appear in a process list.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The command line sent to the host's shell. `login_user` decides whether root needs
+    /// `sudo -n`.
+    pub fn to_shell(&self, login_user: &str, use_sudo: bool) -> String {
+        let mut words: Vec<String> = Vec::new();
+        match &self.run_as {
+            RunAs::LoginUser => {}
+            RunAs::Root if login_user == "root" || !use_sudo => {}
+            RunAs::Root => words.extend(["sudo".into(), "-n".into(), "--".into()]),
+            RunAs::User(user) => {
+                words.extend(["sudo".into(), "-n".into(), "-u".into(), user.clone(), "--".into()])
+            }
+        }
+        words.extend(self.argv.iter().cloned());
+        words.iter().map(|word| shell_quote(word)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// A short form for messages: the label of a script, or the program and its first
+    /// arguments.
+    pub fn summary(&self) -> String {
+        if let Some(label) = &self.label {
+            return label.clone();
+        }
+        let mut text = self.argv.iter().take(6).cloned().collect::<Vec<_>>().join(" ");
+        if self.argv.len() > 6 {
+            text.push_str(" …");
+        }
+        text
+    }
+}
+
+/// What a finished remote command returned.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("cannot connect to host {host} ({destination})")]
+    Connect {
+        host: String,
+        destination: String,
+        #[source]
+        source: openssh::Error,
+    },
+    #[error("connecting to host {host} ({destination}) timed out after {secs} s")]
+    ConnectTimeout { host: String, destination: String, secs: u64 },
+    #[error("`{command}` on host {host} failed to run")]
+    Run {
+        host: String,
+        command: String,
+        #[source]
+        source: openssh::Error,
+    },
+    #[error("`{command}` on host {host} timed out after {secs} s")]
+    Timeout { host: String, command: String, secs: u64 },
+    #[error("`{command}` on host {host} exited with status {status}: {stderr}")]
+    Failed { host: String, command: String, status: String, stderr: String },
+    #[error("sudo on host {host} requires a password for `{command}`; the user {user} needs \
+             passwordless sudo (NOPASSWD) for it")]
+    SudoDenied { host: String, user: String, command: String },
+}
+
+/// Connection settings resolved for one host, after `--lab` overrides.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub host: String,
+    pub address: String,
+    pub user: String,
+    pub port: u16,
+    pub identity: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub sudo: bool,
+    pub connect_timeout: Duration,
+}
+
+/// Connection overrides that apply to every host, as set by `--lab`.
+#[derive(Debug, Clone, Default)]
+pub struct SshOverrides {
+    pub identity: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+}
+
+impl Destination {
+    pub fn for_host(host: &Host, overrides: &SshOverrides) -> Destination {
+        Destination {
+            host: host.name.clone(),
+            address: host.address.to_string(),
+            user: host.ssh.user.clone(),
+            port: host.ssh.port,
+            identity: overrides.identity.clone().or_else(|| host.ssh.identity.clone().map(expand_home)),
+            known_hosts: overrides
+                .known_hosts
+                .clone()
+                .or_else(|| host.ssh.known_hosts.clone().map(expand_home)),
+            sudo: host.ssh.sudo,
+            connect_timeout: Duration::from_secs(host.ssh.connect_timeout_secs),
+        }
+    }
+}
+
+fn expand_home(path: PathBuf) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path,
+    }
+}
+
+/// An open, multiplexed SSH connection to one host.
+pub struct Remote {
+    destination: Destination,
+    session: Session,
+}
+
+impl Remote {
+    /// Opens the host's master connection. Host keys are checked strictly: an unknown or
+    /// changed key refuses the connection.
+    pub async fn connect(destination: Destination) -> Result<Remote, SshError> {
+        let mut builder = SessionBuilder::default();
+        builder
+            .user(destination.user.clone())
+            .port(destination.port)
+            .known_hosts_check(KnownHosts::Strict)
+            .connect_timeout(destination.connect_timeout)
+            .server_alive_interval(Duration::from_secs(15));
+        if let Some(identity) = &destination.identity {
+            builder.keyfile(identity);
+        }
+        if let Some(known_hosts) = &destination.known_hosts {
+            builder.user_known_hosts_file(known_hosts);
+        }
+
+        let target = format!("{}@{}:{}", destination.user, destination.address, destination.port);
+        // openssh's own timeout covers the TCP connect; this one also bounds authentication.
+        let limit = destination.connect_timeout + Duration::from_secs(10);
+        let connected = tokio::time::timeout(limit, builder.connect_mux(&destination.address)).await;
+        let session = match connected {
+            Ok(Ok(session)) => session,
+            Ok(Err(source)) => {
+                return Err(SshError::Connect { host: destination.host.clone(), destination: target, source })
+            }
+            Err(_) => {
+                return Err(SshError::ConnectTimeout {
+                    host: destination.host.clone(),
+                    destination: target,
+                    secs: limit.as_secs(),
+                })
+            }
+        };
+        Ok(Remote { destination, session })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.destination.host
+    }
+
+    /// Runs `command` and returns its output whatever its exit status.
+    pub async fn output(&self, command: &RemoteCommand) -> Result<CommandOutput, SshError> {
+        let line = command.to_shell(&self.destination.user, self.destination.sudo);
+        tracing::debug!(host = %self.destination.host, command = %command.summary(), "run");
+        let run = async {
+            let mut child = self
+                .session
+                .raw_command(&line)
+                .stdin(if command.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await?;
+            if let Some(bytes) = &command.stdin {
+                if let Some(mut stdin) = child.stdin().take() {
+                    // A command that exits without reading its input is not an error here;
+                    // its exit status tells what happened.
+                    let _ = stdin.write_all(bytes).await;
+                    let _ = stdin.shutdown().await;
+                }
+            }
+            child.wait_with_output().await
+        };
+        let output = match tokio::time::timeout(command.timeout, run).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(source)) => {
+                return Err(SshError::Run {
+                    host: self.destination.host.clone(),
+                    command: command.summary(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(SshError::Timeout {
+                    host: self.destination.host.clone(),
+                    command: command.summary(),
+                    secs: command.timeout.as_secs(),
+                })
+            }
+        };
+        let result = CommandOutput {
+            status: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        if !result.success() && is_sudo_password_prompt(&result.stderr) {
+            return Err(SshError::SudoDenied {
+                host: self.destination.host.clone(),
+                user: self.destination.user.clone(),
+                command: command.summary(),
+            });
+        }
+        Ok(result)
+    }
+
+    /// Runs `command` and returns its standard output; a non-zero exit is an error carrying
+    /// the command's standard error.
+    pub async fn run(&self, command: &RemoteCommand) -> Result<String, SshError> {
+        let output = self.output(command).await?;
+        if output.success() {
+            return Ok(output.stdout);
+        }
+        Err(SshError::Failed {
+            host: self.destination.host.clone(),
+            command: command.summary(),
+            status: output.status.map_or_else(|| "killed by a signal".into(), |code| code.to_string()),
+            stderr: last_lines(&output.stderr, 5),
+        })
+    }
+
+    pub async fn close(self) {
+        if let Err(error) = self.session.close().await {
+            tracing::debug!(host = %self.destination.host, %error, "closing the ssh connection failed");
+        }
+    }
+}
+
+fn is_sudo_password_prompt(stderr: &str) -> bool {
+    stderr.contains("sudo: a password is required") || stderr.contains("sudo: a terminal is required")
+}
+
+/// The last `count` non-empty lines of `text`, joined by "; ", for error messages.
+pub fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+    let start = lines.len().saturating_sub(count);
+    lines[start..].join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_leaves_safe_words() {
+        assert_eq!(shell_quote("/etc/redis/redis.conf"), "/etc/redis/redis.conf");
+        assert_eq!(shell_quote("yametee:jobs"), "yametee:jobs");
+    }
+
+    #[test]
+    fn shell_quote_wraps_specials() {
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r#"'it'\''s'"#);
+        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert_eq!(shell_quote("a;b|c&d>e"), "'a;b|c&d>e'");
+    }
+
+    #[test]
+    fn root_commands_use_sudo_unless_root() {
+        let command = RemoteCommand::new("systemctl").args(["restart", "redis-server.service"]).as_root();
+        assert_eq!(command.to_shell("deploy", true), "sudo -n -- systemctl restart redis-server.service");
+        assert_eq!(command.to_shell("root", true), "systemctl restart redis-server.service");
+        assert_eq!(command.to_shell("deploy", false), "systemctl restart redis-server.service");
+    }
+
+    #[test]
+    fn user_commands_use_sudo_u() {
+        let command = RemoteCommand::new("psql").arg("-c").arg("SELECT 1").as_user("postgres");
+        assert_eq!(command.to_shell("deploy", true), "sudo -n -u postgres -- psql -c 'SELECT 1'");
+    }
+
+    #[test]
+    fn script_passes_values_as_arguments() {
+        let command = RemoteCommand::script("read a file", "cat -- \"$1\"", &["/tmp/a b"]);
+        assert_eq!(command.to_shell("deploy", true), r#"sh -c 'cat -- "$1"' sh '/tmp/a b'"#);
+        assert_eq!(command.summary(), "read a file");
+    }
+
+    #[test]
+    fn last_lines_skips_blanks() {
+        assert_eq!(last_lines("a\n\nb\nc\n", 2), "b; c");
+    }
+}
