@@ -1,1 +1,41 @@
-fn main() {}
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use yametee_deploy::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+
+    let lab_context = match cli::prepare(&cli) {
+        Ok(context) => context,
+        Err(fatal) => return cli::finish(Err(fatal)),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(cli::exit::FAILURE);
+        }
+    };
+    cli::finish(runtime.block_on(cli::run(cli, lab_context)))
+}
+
+/// Logs and progress go to stderr, filtered by `RUST_LOG` (default: info for this tool),
+/// coloured only on a terminal and never when `NO_COLOR` is set.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,yametee_deploy=info"));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .with_target(false)
+        .without_time()
+        .compact()
+        .init();
+}

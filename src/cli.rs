@@ -1,0 +1,372 @@
+//! Command-line interface: flags and subcommands, and `run`, which carries one command out and
+//! decides the exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::deploy::{error_chain, Deployment};
+use crate::inventory::{Inventory, SecretRef};
+use crate::lab::{self, LabContext, LabHost, LabSpec};
+use crate::plan::WorkerBinary;
+use crate::render::Renderer;
+use crate::report::{self, Format};
+use crate::secrets::Secrets;
+use crate::ssh::SshOverrides;
+use crate::verify::Verifier;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success: applied, all checks passed, or (plan --detailed-exitcode) in sync
+  1  a check failed, an apply failed or was rolled back, or a host could not be reached
+  2  usage error or invalid inventory; with plan --detailed-exitcode: changes pending";
+
+/// Deploys the yametee web platform, Redis, PostgreSQL and background workers from an
+/// inventory file, over SSH, and verifies the result.
+#[derive(Debug, Parser)]
+#[command(name = "yametee-deploy", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Inventory file describing the hosts.
+    #[arg(short, long, global = true, default_value = "inventory.yaml", env = "YAMETEE_INVENTORY")]
+    pub inventory: PathBuf,
+
+    /// Run against the local lab replica (`lab up`) instead of the real hosts: commands run in
+    /// the lab's isolated network namespace with the lab's SSH key and pinned host keys.
+    #[arg(long, global = true)]
+    pub lab: bool,
+
+    /// Only work on these hosts (comma-separated names from the inventory).
+    #[arg(long, global = true, value_delimiter = ',', value_name = "HOSTS")]
+    pub limit: Vec<String>,
+
+    /// Output format of the results on stdout.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    pub format: Format,
+
+    /// Worker binary to install on worker hosts [default: yametee-worker next to this program].
+    #[arg(long, global = true, env = "YAMETEE_WORKER_BINARY", value_name = "PATH")]
+    pub worker_binary: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Render every host's files offline, with secrets as placeholders; no SSH.
+    Render {
+        /// Write the files under DIR/<host>/<path> instead of printing them.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Connect and show, per host, what apply would change, with unified diffs.
+    Plan {
+        /// Exit 0 when every host is in sync, 2 when changes are pending, 1 on error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Converge every host; restart only what changed; roll the worker back if it does not
+    /// report ready.
+    Apply,
+    /// Run the verification suite: one result per check per host.
+    Verify,
+    /// Validate and show the inventory.
+    #[command(subcommand)]
+    Inventory(InventoryCommand),
+    /// Local replica of the inventory's hosts in systemd-nspawn containers (needs root).
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InventoryCommand {
+    /// Check the inventory and report every problem with its line and column.
+    Check,
+    /// Print the validated inventory, with defaults filled in.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Boot one container per inventory host at the inventory's own address (idempotent).
+    Up,
+    /// Stop every lab host and remove its network, mounts and processes.
+    Down,
+    /// Show each lab host and whether it runs and answers on SSH.
+    Status,
+    /// Open an SSH session to a lab host, or run a command on it.
+    Ssh {
+        /// Inventory name of the host.
+        host: String,
+        /// Command to run instead of a login shell.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+/// Exit codes, decided in one place.
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+}
+
+/// An error that ends the command, with the exit code it maps to and an optional hint.
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: u8,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Fatal {
+    fn failure(message: impl Into<String>) -> Fatal {
+        Fatal { code: exit::FAILURE, message: message.into(), hint: None }
+    }
+
+    fn usage(message: impl Into<String>) -> Fatal {
+        Fatal { code: exit::USAGE, message: message.into(), hint: None }
+    }
+
+    fn hint(mut self, hint: impl Into<String>) -> Fatal {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+/// Work done before the async runtime starts. Entering the lab's network namespace must
+/// happen while the process has one thread, so every later thread and ssh child inherits it.
+pub fn prepare(cli: &Cli) -> Result<Option<LabContext>, Fatal> {
+    let runs_remote = matches!(cli.command, Command::Plan { .. } | Command::Apply | Command::Verify);
+    if !cli.lab || !runs_remote {
+        return Ok(None);
+    }
+    let context = lab::load_context().map_err(|error| {
+        Fatal::failure(error_chain(&error)).hint("start the lab with `yametee-deploy lab up`")
+    })?;
+    lab::enter_control_namespace(&context).map_err(|error| Fatal::failure(error_chain(&error)))?;
+    Ok(Some(context))
+}
+
+pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal> {
+    match &cli.command {
+        Command::Inventory(command) => inventory_command(&cli, command),
+        Command::Render { out } => render(&cli, out.as_deref()),
+        Command::Lab(command) => lab_command(&cli, command),
+        Command::Plan { detailed_exitcode } => {
+            let deployment = deployment(&cli, lab_context.as_ref(), true)?;
+            let reports = deployment.plan().await;
+            print!("{}", report::plan(&reports, cli.format));
+            let failed = reports.iter().any(|report| report.error.is_some());
+            let pending = reports.iter().any(|report| !report.changes.is_empty());
+            Ok(match (failed, pending, detailed_exitcode) {
+                (true, _, _) => exit::FAILURE,
+                (false, true, true) => exit::USAGE,
+                _ => exit::SUCCESS,
+            })
+        }
+        Command::Apply => {
+            let deployment = deployment(&cli, lab_context.as_ref(), true)?;
+            let reports = deployment.apply().await;
+            print!("{}", report::apply(&reports, cli.format));
+            let ok = reports.iter().all(|report| report.outcome.is_success());
+            Ok(if ok { exit::SUCCESS } else { exit::FAILURE })
+        }
+        Command::Verify => {
+            let deployment = deployment(&cli, lab_context.as_ref(), false)?;
+            let verifier = Verifier {
+                inventory: &deployment.inventory,
+                secrets: &deployment.secrets,
+                ssh: &deployment.ssh,
+                worker: deployment.worker.as_ref(),
+                renderer: &deployment.renderer,
+            };
+            let report = verifier.run().await;
+            print!("{}", report::verify(&report, cli.format));
+            Ok(if report.ok { exit::SUCCESS } else { exit::FAILURE })
+        }
+    }
+}
+
+fn load_inventory(cli: &Cli) -> Result<Inventory, Fatal> {
+    let mut inventory = Inventory::load(&cli.inventory).map_err(|error| Fatal::usage(error_chain(&error)))?;
+    if !cli.limit.is_empty() {
+        inventory.limit_to(&cli.limit).map_err(|error| Fatal::usage(error.to_string()))?;
+    }
+    Ok(inventory)
+}
+
+/// Resolves inventory, secrets, SSH settings and the worker binary before any connection.
+fn deployment(cli: &Cli, lab: Option<&LabContext>, binary_required: bool) -> Result<Deployment, Fatal> {
+    let inventory = load_inventory(cli)?;
+    let fallback = lab.map(|context| context.secrets.clone()).unwrap_or_default();
+    let secrets = Secrets::resolve(&inventory, &fallback).map_err(|error| {
+        let fatal = Fatal::usage(error_chain(&error));
+        if cli.lab {
+            fatal
+        } else {
+            fatal.hint("export the variable, or rehearse on the lab with --lab, which generates lab secrets")
+        }
+    })?;
+    let ssh = match lab {
+        Some(context) => SshOverrides {
+            identity: Some(context.identity_file.clone()),
+            known_hosts: Some(context.known_hosts_file.clone()),
+        },
+        None => SshOverrides::default(),
+    };
+
+    let has_workers = inventory.hosts_with(crate::inventory::Role::Worker).next().is_some();
+    let worker_path = cli.worker_binary.clone().or_else(default_worker_binary);
+    let worker = match worker_path {
+        Some(path) if has_workers => match WorkerBinary::load(&path) {
+            Ok(binary) => Some(binary),
+            Err(error) if binary_required => return Err(Fatal::failure(error_chain(&error))),
+            Err(error) => {
+                tracing::warn!("{}; the binary hash check is skipped", error_chain(&error));
+                None
+            }
+        },
+        _ => None,
+    };
+    if has_workers && binary_required && worker.is_none() {
+        return Err(Fatal::failure("no worker binary found next to yametee-deploy")
+            .hint("build it with `cargo build --release --workspace` or pass --worker-binary PATH"));
+    }
+    Ok(Deployment { inventory, secrets, ssh, worker, renderer: Renderer::new() })
+}
+
+fn default_worker_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let candidate = exe.parent()?.join("yametee-worker");
+    candidate.exists().then_some(candidate)
+}
+
+fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal> {
+    let inventory = load_inventory(cli)?;
+    match command {
+        InventoryCommand::Check => {
+            match cli.format {
+                Format::Json => println!("{}", serde_json::json!({ "ok": true, "hosts": inventory.hosts.len() })),
+                _ => println!(
+                    "{}: valid, {} hosts ({})",
+                    cli.inventory.display(),
+                    inventory.hosts.len(),
+                    inventory.hosts.iter().map(|host| host.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }
+        }
+        InventoryCommand::Show => {
+            println!("{}", serde_json::to_string_pretty(&inventory).expect("inventory serializes"));
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn render(cli: &Cli, out: Option<&Path>) -> Result<u8, Fatal> {
+    let inventory = load_inventory(cli)?;
+    let secrets = Secrets::placeholders(&inventory);
+    let renderer = Renderer::new();
+    let mut written = 0;
+    for host in &inventory.hosts {
+        let desired = renderer
+            .render_host(&inventory, host, &secrets)
+            .map_err(|error| Fatal::failure(error_chain(&error)))?;
+        for file in &desired.files {
+            match out {
+                Some(dir) => {
+                    let target = dir.join(&host.name).join(file.path.trim_start_matches('/'));
+                    write_local(&target, &file.content)?;
+                    written += 1;
+                }
+                None => print!("==> {}:{} ({:04o} {}:{}) <==\n{}\n", host.name, file.path, file.mode, file.owner, file.group, file.content),
+            }
+        }
+    }
+    if let Some(dir) = out {
+        eprintln!("wrote {written} files for {} hosts under {}", inventory.hosts.len(), dir.display());
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn write_local(path: &Path, content: &str) -> Result<(), Fatal> {
+    let fail = |error: std::io::Error| Fatal::failure(format!("cannot write {}: {error}", path.display()));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(fail)?;
+    }
+    std::fs::write(path, content).map_err(fail)
+}
+
+fn lab_spec(inventory: &Inventory) -> LabSpec {
+    let hosts = inventory
+        .hosts
+        .iter()
+        .map(|host| LabHost {
+            name: host.name.clone(),
+            address: host.address,
+            ssh_port: host.ssh.port,
+            ssh_user: host.ssh.user.clone(),
+            roles: crate::deploy::role_names(host),
+        })
+        .collect();
+    let mut secret_env_names: Vec<String> = inventory
+        .secret_refs()
+        .values()
+        .filter_map(|reference| match reference {
+            SecretRef::Env(name) => Some(name.clone()),
+            SecretRef::File(_) => None,
+        })
+        .collect();
+    secret_env_names.dedup();
+    LabSpec { hosts, secret_env_names }
+}
+
+fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
+    let lab_error = |error: lab::LabError| Fatal::failure(error_chain(&error));
+    match command {
+        LabCommand::Up => {
+            let inventory = load_inventory(cli)?;
+            let status = lab::up(&lab_spec(&inventory)).map_err(lab_error)?;
+            print_lab_status(&status, cli.format);
+            Ok(if status.is_ready() { exit::SUCCESS } else { exit::FAILURE })
+        }
+        LabCommand::Down => {
+            lab::down().map_err(lab_error)?;
+            eprintln!("lab stopped");
+            Ok(exit::SUCCESS)
+        }
+        LabCommand::Status => {
+            let status = lab::status().map_err(lab_error)?;
+            print_lab_status(&status, cli.format);
+            Ok(if status.is_ready() { exit::SUCCESS } else { exit::FAILURE })
+        }
+        LabCommand::Ssh { host, command } => {
+            let mut ssh = lab::ssh_command(host, command).map_err(lab_error)?;
+            let status = ssh.status().map_err(|error| Fatal::failure(format!("cannot run ssh: {error}")))?;
+            Ok(status.code().map_or(exit::FAILURE, |code| code.clamp(0, 255) as u8))
+        }
+    }
+}
+
+fn print_lab_status(status: &lab::LabStatus, format: Format) {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(status).expect("lab status serializes")),
+        _ => print!("{status}"),
+    }
+}
+
+/// Turns the result of `run` into the process's exit code, printing a fatal error and its hint
+/// on stderr.
+pub fn finish(result: Result<u8, Fatal>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(fatal) => {
+            eprintln!("error: {}", fatal.message);
+            if let Some(hint) = fatal.hint {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(fatal.code)
+        }
+    }
+}

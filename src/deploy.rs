@@ -1,0 +1,222 @@
+//! Runs plan and apply across the inventory: hosts in dependency tiers (PostgreSQL and Redis
+//! before their clients), the hosts of one tier in parallel with a bounded number of
+//! connections, and a failed host stopping only the tiers that depend on it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::apply::{self, HostReport, Outcome};
+use crate::facts;
+use crate::inventory::{Host, Inventory, Role};
+use crate::plan::{self, Change, HostPlan, WorkerBinary};
+use crate::render::{DesiredHost, Renderer};
+use crate::secrets::Secrets;
+use crate::ssh::{Destination, Remote, SshOverrides};
+
+/// Most hosts worked on at once.
+pub const MAX_PARALLEL_HOSTS: usize = 8;
+
+/// Everything a run needs, resolved before the first connection.
+pub struct Deployment {
+    pub inventory: Inventory,
+    pub secrets: Secrets,
+    pub ssh: SshOverrides,
+    pub worker: Option<WorkerBinary>,
+    pub renderer: Renderer,
+}
+
+/// The plan of one host, as shown by `plan`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostPlanReport {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub changes: Vec<Change>,
+    pub diffs: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Deployment {
+    fn worker_for(&self, host: &Host) -> Option<&WorkerBinary> {
+        if host.has_role(Role::Worker) {
+            self.worker.as_ref()
+        } else {
+            None
+        }
+    }
+
+    /// Connects to `host`, renders its desired state, reads its current state and plans.
+    async fn prepare(&self, host: &Host) -> Result<(Remote, DesiredHost, HostPlan), String> {
+        let desired = self
+            .renderer
+            .render_host(&self.inventory, host, &self.secrets)
+            .map_err(|error| error_chain(&error))?;
+        let remote = Remote::connect(Destination::for_host(host, &self.ssh))
+            .await
+            .map_err(|error| error_chain(&error))?;
+        tracing::info!(host = %host.name, "connected");
+
+        let facts = match facts::gather(&remote, &desired).await {
+            Ok(facts) => facts,
+            Err(error) => {
+                remote.close().await;
+                return Err(error_chain(&error));
+            }
+        };
+        let worker = self.worker_for(host);
+        if let Some(reason) = worker.and_then(|worker| worker.incompatibility(&facts.platform)) {
+            remote.close().await;
+            return Err(format!("host {} cannot run the worker binary: {reason}", host.name));
+        }
+        let plan = plan::plan_host(&desired, &facts, worker);
+        Ok((remote, desired, plan))
+    }
+
+    /// Plans every host without changing anything.
+    pub async fn plan(&self) -> Vec<HostPlanReport> {
+        let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
+        let reports = self.inventory.hosts.iter().map(|host| {
+            let limit = limit.clone();
+            async move {
+                let _permit = limit.acquire().await.expect("semaphore is never closed");
+                self.plan_one(host).await
+            }
+        });
+        join_all(reports).await
+    }
+
+    async fn plan_one(&self, host: &Host) -> HostPlanReport {
+        let mut report = HostPlanReport {
+            name: host.name.clone(),
+            roles: role_names(host),
+            changes: Vec::new(),
+            diffs: Vec::new(),
+            error: None,
+        };
+        match self.prepare(host).await {
+            Ok((remote, _desired, plan)) => {
+                report.changes = plan.changes();
+                report.diffs = plan.diffs(&self.secrets);
+                if self.inventory.postgres_host().name == host.name {
+                    match crate::postgres::ensure_access(&remote, &self.inventory, &self.secrets, true).await {
+                        Ok(changes) => report.changes.extend(changes),
+                        Err(error) => report.error = Some(error_chain(&error)),
+                    }
+                }
+                remote.close().await;
+            }
+            Err(error) => report.error = Some(self.secrets.redact(&error)),
+        }
+        report
+    }
+
+    /// Applies every host, tier by tier.
+    pub async fn apply(&self) -> Vec<HostReport> {
+        let mut tiers: BTreeMap<u8, Vec<&Host>> = BTreeMap::new();
+        for host in &self.inventory.hosts {
+            tiers.entry(host.tier()).or_default().push(host);
+        }
+
+        let mut reports: Vec<HostReport> = Vec::new();
+        let mut failed: Vec<String> = Vec::new();
+        for hosts in tiers.values() {
+            if !failed.is_empty() {
+                for host in hosts {
+                    let mut report = empty_report(host);
+                    report.outcome = Outcome::Skipped;
+                    report.error = Some(format!(
+                        "skipped because host{} {} failed and this host depends on it",
+                        if failed.len() == 1 { "" } else { "s" },
+                        failed.join(", ")
+                    ));
+                    reports.push(report);
+                }
+                continue;
+            }
+            let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
+            let tier_reports = join_all(hosts.iter().map(|host| {
+                let limit = limit.clone();
+                async move {
+                    let _permit = limit.acquire().await.expect("semaphore is never closed");
+                    self.apply_one(host).await
+                }
+            }))
+            .await;
+            for report in tier_reports {
+                if !report.outcome.is_success() {
+                    failed.push(report.name.clone());
+                }
+                reports.push(report);
+            }
+        }
+        // Report hosts in inventory order whatever order the tiers ran in.
+        let order: Vec<&str> = self.inventory.hosts.iter().map(|host| host.name.as_str()).collect();
+        reports.sort_by_key(|report| order.iter().position(|name| *name == report.name));
+        reports
+    }
+
+    async fn apply_one(&self, host: &Host) -> HostReport {
+        let mut report = empty_report(host);
+        let (remote, _desired, plan) = match self.prepare(host).await {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                report.outcome = Outcome::Failed;
+                report.error = Some(self.secrets.redact(&error));
+                return report;
+            }
+        };
+        let worker = self.worker_for(host);
+        let result = apply::apply_host(&remote, &self.inventory, &plan, &self.secrets, worker, &mut report).await;
+        remote.close().await;
+
+        match result {
+            Ok(()) => {
+                report.outcome = if report.changes.is_empty() { Outcome::Unchanged } else { Outcome::Changed };
+                tracing::info!(host = %host.name, changes = report.changes.len(), "applied");
+            }
+            Err(error) => {
+                if report.outcome != Outcome::RolledBack {
+                    report.outcome = Outcome::Failed;
+                }
+                let message = self.secrets.redact(&error_chain(&error));
+                tracing::error!(host = %host.name, "{message}");
+                report.error = Some(message);
+            }
+        }
+        report
+    }
+}
+
+fn empty_report(host: &Host) -> HostReport {
+    HostReport {
+        name: host.name.clone(),
+        roles: role_names(host),
+        outcome: Outcome::Unchanged,
+        changes: Vec::new(),
+        restarted: Vec::new(),
+        error: None,
+    }
+}
+
+pub fn role_names(host: &Host) -> Vec<String> {
+    host.roles.iter().map(|role| role.as_str().to_string()).collect()
+}
+
+/// An error and its causes on one line: "a: b: c".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,529 @@
+//! The verification suite: each manual check of the worker runbook as a named check, run on
+//! the host whose network position it is about, all hosts and checks in parallel.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use serde::Serialize;
+
+use crate::deploy::{error_chain, role_names};
+use crate::facts;
+use crate::inventory::{Host, Inventory, Role};
+use crate::plan::WorkerBinary;
+use crate::render::{worker_paths, Renderer, POSTGRES_UNIT, REDIS_UNIT};
+use crate::secrets::Secrets;
+use crate::ssh::{Destination, Remote, RemoteCommand, SshError, SshOverrides};
+
+/// Lines the worker logs at every start, in the order it logs them.
+pub fn startup_lines(worker_name: &str) -> Vec<String> {
+    vec![
+        "Environment validation passed".to_string(),
+        "Database connection successful".to_string(),
+        "Redis connection successful".to_string(),
+        format!("Worker {worker_name} started"),
+        format!("Worker {worker_name} ready and waiting for jobs"),
+    ]
+}
+
+/// Key the worker writes when it processed a `verify:probe` job.
+pub const PROBE_KEY_PREFIX: &str = "yametee:probe:";
+/// How long the end-to-end check waits for the probe job's result.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a connection that the firewall must drop is given before it counts as blocked.
+const BLOCKED_PROBE_SECS: &str = "3";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub id: String,
+    pub status: Status,
+    pub detail: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostResult {
+    pub name: String,
+    /// The host's roles joined by commas, such as `worker` or `postgres,redis`.
+    pub role: String,
+    pub roles: Vec<String>,
+    pub checks: Vec<CheckResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub hosts: Vec<HostResult>,
+}
+
+impl VerifyReport {
+    pub fn count(&self, status: Status) -> usize {
+        self.hosts.iter().flat_map(|host| &host.checks).filter(|check| check.status == status).count()
+    }
+}
+
+/// The inputs of a verification run.
+pub struct Verifier<'a> {
+    pub inventory: &'a Inventory,
+    pub secrets: &'a Secrets,
+    pub ssh: &'a SshOverrides,
+    pub worker: Option<&'a WorkerBinary>,
+    pub renderer: &'a Renderer,
+}
+
+type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
+
+impl<'a> Verifier<'a> {
+    pub async fn run(&self) -> VerifyReport {
+        let hosts = join_all(self.inventory.hosts.iter().map(|host| self.verify_host(host))).await;
+        let ok = hosts.iter().all(|host| host.checks.iter().all(|check| check.status != Status::Fail))
+            && hosts.iter().all(|host| host.checks.iter().any(|check| check.status == Status::Pass));
+        VerifyReport { ok, hosts }
+    }
+
+    async fn verify_host(&self, host: &Host) -> HostResult {
+        let mut result = HostResult {
+            name: host.name.clone(),
+            role: role_names(host).join(","),
+            roles: role_names(host),
+            checks: Vec::new(),
+        };
+
+        let started = Instant::now();
+        let remote = match Remote::connect(Destination::for_host(host, self.ssh)).await {
+            Ok(remote) => {
+                result.checks.push(pass("ssh.reachable", format!("{}@{}:{}", host.ssh.user, host.address, host.ssh.port), started));
+                remote
+            }
+            Err(error) => {
+                result.checks.push(fail("ssh.reachable", error_chain(&error), started));
+                for id in self.check_ids(host) {
+                    result.checks.push(CheckResult {
+                        id,
+                        status: Status::Skip,
+                        detail: "not run: the host is unreachable".into(),
+                        duration_ms: 0,
+                    });
+                }
+                return result;
+            }
+        };
+
+        let checks = self.checks(host, &remote);
+        let timed = checks.into_iter().map(|(id, check)| async move {
+            let started = Instant::now();
+            let outcome = check.await;
+            let duration_ms = started.elapsed().as_millis() as u64;
+            match outcome {
+                Ok(detail) => CheckResult { id, status: Status::Pass, detail: self.secrets.redact(&detail), duration_ms },
+                Err(detail) => CheckResult { id, status: Status::Fail, detail: self.secrets.redact(&detail), duration_ms },
+            }
+        });
+        result.checks.extend(join_all(timed).await);
+        remote.close().await;
+        result
+    }
+
+    fn check_ids(&self, host: &Host) -> Vec<String> {
+        // The same list `checks` builds, without running anything.
+        let mut ids = vec!["firewall.rules".to_string()];
+        for unit in units_of(host) {
+            ids.push(format!("unit.{}", unit.trim_end_matches(".service")));
+        }
+        ids.extend(self.role_check_ids(host));
+        ids
+    }
+
+    fn role_check_ids(&self, host: &Host) -> Vec<String> {
+        let mut ids = Vec::new();
+        if host.has_role(Role::Postgres) {
+            ids.push("postgres.listening".to_string());
+        }
+        if host.has_role(Role::Redis) {
+            ids.extend(["redis.listening".to_string(), "queue.depth".to_string()]);
+        }
+        if host.has_role(Role::Worker) {
+            ids.extend(
+                ["worker.startup-log", "worker.redis-ping", "worker.postgres-select1", "worker.binary-hash", "worker.memory"]
+                    .map(String::from),
+            );
+        }
+        if host.has_role(Role::Web) {
+            ids.extend(["web.redis-ping", "web.postgres-select1"].map(String::from));
+        }
+        if self.probe_host().is_some_and(|probe| probe.name == host.name) {
+            ids.push("e2e.probe-job".to_string());
+        }
+        for (id, _, _) in self.blocked_targets(host) {
+            ids.push(id);
+        }
+        ids
+    }
+
+    fn checks<'b>(&'b self, host: &'b Host, remote: &'b Remote) -> Vec<(String, CheckFuture<'b>)> {
+        let mut checks: Vec<(String, CheckFuture<'b>)> = Vec::new();
+        checks.push(("firewall.rules".into(), Box::pin(self.firewall_rules(host, remote))));
+        for unit in units_of(host) {
+            let id = format!("unit.{}", unit.trim_end_matches(".service"));
+            checks.push((id, Box::pin(unit_running(remote, unit))));
+        }
+
+        let app = &self.inventory.app;
+        let redis = self.inventory.redis_host();
+        let postgres = self.inventory.postgres_host();
+        if host.has_role(Role::Postgres) {
+            checks.push(("postgres.listening".into(), Box::pin(listening(remote, host, app.database.port))));
+        }
+        if host.has_role(Role::Redis) {
+            checks.push(("redis.listening".into(), Box::pin(listening(remote, host, app.redis.port))));
+            checks.push(("queue.depth".into(), Box::pin(self.queue_depth(remote))));
+        }
+        if host.has_role(Role::Worker) {
+            checks.push(("worker.startup-log".into(), Box::pin(self.startup_log(remote))));
+            checks.push(("worker.redis-ping".into(), Box::pin(self.redis_ping(remote, redis.address.to_string()))));
+            checks.push(("worker.postgres-select1".into(), Box::pin(self.select_one(remote, postgres.address.to_string()))));
+            checks.push(("worker.binary-hash".into(), Box::pin(self.binary_hash(remote))));
+            checks.push(("worker.memory".into(), Box::pin(self.worker_memory(remote))));
+        }
+        if host.has_role(Role::Web) {
+            checks.push(("web.redis-ping".into(), Box::pin(self.redis_ping(remote, redis.address.to_string()))));
+            checks.push(("web.postgres-select1".into(), Box::pin(self.select_one(remote, postgres.address.to_string()))));
+        }
+        if self.probe_host().is_some_and(|probe| probe.name == host.name) {
+            checks.push(("e2e.probe-job".into(), Box::pin(self.probe_job(remote))));
+        }
+        for (id, address, port) in self.blocked_targets(host) {
+            checks.push((id, Box::pin(blocked(remote, address, port))));
+        }
+        checks
+    }
+
+    /// The host that pushes the end-to-end probe job: the web platform, as in production,
+    /// or a worker when there is no web host.
+    fn probe_host(&self) -> Option<&Host> {
+        self.inventory
+            .hosts_with(Role::Web)
+            .next()
+            .or_else(|| self.inventory.hosts_with(Role::Worker).next())
+    }
+
+    /// Data stores that `host` must not reach, because it is neither a client nor the store.
+    fn blocked_targets(&self, host: &Host) -> Vec<(String, String, u16)> {
+        let is_client = host.has_role(Role::Worker) || host.has_role(Role::Web);
+        if is_client {
+            return Vec::new();
+        }
+        let app = &self.inventory.app;
+        let mut targets = Vec::new();
+        let redis = self.inventory.redis_host();
+        if redis.name != host.name {
+            targets.push(("firewall.blocks-redis".into(), redis.address.to_string(), app.redis.port));
+        }
+        let postgres = self.inventory.postgres_host();
+        if postgres.name != host.name {
+            targets.push(("firewall.blocks-postgres".into(), postgres.address.to_string(), app.database.port));
+        }
+        targets
+    }
+
+    async fn firewall_rules(&self, host: &Host, remote: &Remote) -> Result<String, String> {
+        let desired = self
+            .renderer
+            .render_host(self.inventory, host, &Secrets::placeholders(self.inventory))
+            .map_err(|error| error_chain(&error))?;
+        let state = facts::firewall_state(remote).await.map_err(|error| error_chain(&error))?;
+        if !state.active {
+            return Err("ufw is inactive".into());
+        }
+        if !state.incoming_denied {
+            return Err("ufw does not deny incoming traffic by default".into());
+        }
+        let missing: Vec<&String> = desired.firewall_rules.iter().filter(|rule| !state.rules.contains(rule)).collect();
+        let extra: Vec<&String> = state.rules.iter().filter(|rule| !desired.firewall_rules.contains(rule)).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            return Err(format!("missing rules: {missing:?}; rules not in the inventory: {extra:?}"));
+        }
+        Ok(format!("active, incoming denied, {} rules as rendered", state.rules.len()))
+    }
+
+    async fn queue_depth(&self, remote: &Remote) -> Result<String, String> {
+        let queue = &self.inventory.app.queue;
+        let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
+q="$1"; port="$2"
+cli() { redis-cli -h 127.0.0.1 -p "$port" "$@"; }
+echo "pending $(cli LLEN "$q")"
+inflight=0
+for key in $(cli --scan --pattern "$q:inflight:*"); do
+  inflight=$((inflight + $(cli LLEN "$key")))
+done
+echo "in_flight $inflight"
+echo "retry $(cli ZCARD "$q:retry")"
+echo "dead $(cli LLEN "$q:dead")""#;
+        let port = self.inventory.app.redis.port.to_string();
+        let command = RemoteCommand::script("read the queue depths", script, &[queue, &port])
+            .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
+        let output = run(remote, &command).await?;
+
+        let thresholds = &self.inventory.app.thresholds;
+        let limits = [
+            ("pending", thresholds.pending),
+            ("in_flight", thresholds.in_flight),
+            ("retry", thresholds.retry),
+            ("dead", thresholds.dead),
+        ];
+        let mut shown = Vec::new();
+        let mut over = Vec::new();
+        for (name, limit) in limits {
+            let value = output
+                .lines()
+                .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<u64>().ok()))
+                .ok_or_else(|| format!("cannot read the {name} depth from redis-cli: {}", output.trim()))?;
+            shown.push(format!("{} {value}", name.replace('_', "-")));
+            if value >= limit {
+                over.push(format!("{} {value} reaches the threshold {limit}", name.replace('_', "-")));
+            }
+        }
+        if over.is_empty() {
+            Ok(shown.join(", "))
+        } else {
+            Err(over.join("; "))
+        }
+    }
+
+    async fn startup_log(&self, remote: &Remote) -> Result<String, String> {
+        let script = r#"id=$(systemctl show -p InvocationID --value "$1")
+[ -n "$id" ] || { echo "no current run of $1" >&2; exit 1; }
+journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
+        let command = RemoteCommand::script("read the worker's log of its current run", script, &[worker_paths::UNIT]).as_root();
+        let log = run(remote, &command).await?;
+        let missing: Vec<String> = startup_lines(&self.inventory.app.worker.name)
+            .into_iter()
+            .filter(|line| !log.lines().any(|logged| logged.contains(line.as_str())))
+            .collect();
+        if missing.is_empty() {
+            Ok("all 5 startup lines logged by the current run".into())
+        } else {
+            Err(format!("missing from the current run's log: {}", missing.join("; ")))
+        }
+    }
+
+    async fn redis_ping(&self, remote: &Remote, address: String) -> Result<String, String> {
+        let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
+exec timeout 10 redis-cli -h "$1" -p "$2" PING"#;
+        let port = self.inventory.app.redis.port.to_string();
+        let command = RemoteCommand::script(&format!("redis-cli -h {address} PING"), script, &[&address, &port])
+            .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
+        let reply = run(remote, &command).await?;
+        if reply.trim() == "PONG" {
+            Ok(format!("PONG from {address}:{port}"))
+        } else {
+            Err(format!("redis-cli PING to {address}:{port} returned {:?}", reply.trim()))
+        }
+    }
+
+    async fn select_one(&self, remote: &Remote, address: String) -> Result<String, String> {
+        let database = &self.inventory.app.database;
+        let script = r#"IFS= read -r PGPASSWORD; export PGPASSWORD
+export PGCONNECT_TIMEOUT=10
+exec psql -X -A -t -q -w -h "$1" -p "$2" -U "$3" -d "$4" -c 'SELECT 1'"#;
+        let port = database.port.to_string();
+        let command = RemoteCommand::script(
+            &format!("psql -h {address} -c 'SELECT 1'"),
+            script,
+            &[&address, &port, &database.user, &database.name],
+        )
+        .stdin(format!("{}\n", self.secrets.get("app.database.password")));
+        let reply = run(remote, &command).await?;
+        if reply.trim() == "1" {
+            Ok(format!("SELECT 1 as {} on {address}:{port}/{}", database.user, database.name))
+        } else {
+            Err(format!("SELECT 1 returned {:?}", reply.trim()))
+        }
+    }
+
+    async fn binary_hash(&self, remote: &Remote) -> Result<String, String> {
+        let path = format!("{}/{}", worker_paths::CURRENT_LINK, worker_paths::BINARY_NAME);
+        let output = run(remote, &RemoteCommand::new("sha256sum").arg(&path)).await?;
+        let installed = output.split_whitespace().next().unwrap_or_default().to_string();
+        let Some(worker) = self.worker else {
+            return Ok(format!("installed {installed}; no local worker binary to compare with"));
+        };
+        if installed == worker.sha256 {
+            Ok(format!("sha256 {} matches {}", &installed[..16], worker.path.display()))
+        } else {
+            Err(format!("installed sha256 {installed} differs from {} ({})", worker.sha256, worker.path.display()))
+        }
+    }
+
+    async fn worker_memory(&self, remote: &Remote) -> Result<String, String> {
+        let script = r#"pid=$(systemctl show -p MainPID --value "$1")
+[ "$pid" -gt 0 ] 2>/dev/null || { echo "$1 has no main process" >&2; exit 1; }
+ps -o rss= -p "$pid""#;
+        let output = run(remote, &RemoteCommand::script("read the worker's resident memory", script, &[worker_paths::UNIT])).await?;
+        let kib: u64 = output.trim().parse().map_err(|_| format!("cannot parse the RSS {:?}", output.trim()))?;
+        let budget_mb = self.inventory.app.worker.memory_budget_mb;
+        let mib = kib as f64 / 1024.0;
+        if kib <= budget_mb * 1024 {
+            Ok(format!("{mib:.1} MiB resident, budget {budget_mb} MiB"))
+        } else {
+            Err(format!("{mib:.1} MiB resident exceeds the budget of {budget_mb} MiB"))
+        }
+    }
+
+    /// Pushes a `verify:probe` job in the web platform's format and waits for the result the
+    /// worker writes, which proves a worker really processed it.
+    async fn probe_job(&self, remote: &Remote) -> Result<String, String> {
+        let app = &self.inventory.app;
+        let redis = self.inventory.redis_host();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let id = format!("probe-{}-{:08x}", now.as_secs(), rand::random::<u32>());
+        let job = serde_json::json!({
+            "id": id,
+            "type": "verify:probe",
+            "data": {},
+            "createdAt": rfc3339(now),
+        })
+        .to_string();
+
+        let push = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
+exec timeout 10 redis-cli -h "$1" -p "$2" RPUSH "$3" "$4""#;
+        let address = redis.address.to_string();
+        let port = app.redis.port.to_string();
+        let password = format!("{}\n", self.secrets.get("app.redis.password"));
+        let command = RemoteCommand::script("push the probe job", push, &[&address, &port, &app.queue, &job])
+            .stdin(password.clone());
+        let started = Instant::now();
+        run(remote, &command).await?;
+
+        let key = format!("{PROBE_KEY_PREFIX}{id}");
+        let get = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
+exec timeout 10 redis-cli -h "$1" -p "$2" GET "$3""#;
+        let command = RemoteCommand::script("read the probe result", get, &[&address, &port, &key]).stdin(password);
+        // Bounded by PROBE_TIMEOUT; each round trip is one GET.
+        while started.elapsed() < PROBE_TIMEOUT {
+            let value = run(remote, &command).await?;
+            let value = value.trim();
+            if !value.is_empty() {
+                let latency = started.elapsed().as_millis();
+                let worker = serde_json::from_str::<serde_json::Value>(value)
+                    .ok()
+                    .and_then(|result| result.get("worker").and_then(|w| w.as_str()).map(String::from))
+                    .unwrap_or_else(|| "a worker".into());
+                return Ok(format!("job {id} processed by {worker} in {latency} ms"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("job {id} pushed to {} was not processed within {} s", app.queue, PROBE_TIMEOUT.as_secs()))
+    }
+}
+
+fn units_of(host: &Host) -> Vec<&'static str> {
+    let mut units = vec!["ssh.service"];
+    if host.has_role(Role::Postgres) {
+        units.push(POSTGRES_UNIT);
+    }
+    if host.has_role(Role::Redis) {
+        units.push(REDIS_UNIT);
+    }
+    if host.has_role(Role::Worker) {
+        units.push(worker_paths::UNIT);
+    }
+    units
+}
+
+async fn unit_running(remote: &Remote, unit: &str) -> Result<String, String> {
+    let active = remote.output(&RemoteCommand::new("systemctl").args(["is-active", unit])).await.map_err(|e| error_chain(&e))?;
+    let enabled = remote.output(&RemoteCommand::new("systemctl").args(["is-enabled", unit])).await.map_err(|e| error_chain(&e))?;
+    let (active, enabled) = (active.stdout.trim().to_string(), enabled.stdout.trim().to_string());
+    if active == "active" && enabled == "enabled" {
+        Ok(format!("{unit} active and enabled"))
+    } else {
+        Err(format!("{unit} is {active} and {enabled}; expected active and enabled"))
+    }
+}
+
+async fn listening(remote: &Remote, host: &Host, port: u16) -> Result<String, String> {
+    let output = run(remote, &RemoteCommand::new("ss").args(["-tlnH"])).await?;
+    let wanted = format!("{}:{port}", host.address);
+    let found = output.lines().any(|line| line.split_whitespace().nth(3) == Some(wanted.as_str()));
+    if found {
+        Ok(format!("listening on {wanted}"))
+    } else {
+        Err(format!("nothing listens on {wanted}"))
+    }
+}
+
+/// Passes when a TCP connection from `remote` to `address:port` does not open.
+async fn blocked(remote: &Remote, address: String, port: u16) -> Result<String, String> {
+    let script = r#"exec timeout "$3" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2""#;
+    let port_text = port.to_string();
+    let command = RemoteCommand::script(&format!("connect to {address}:{port}"), script, &[&address, &port_text, BLOCKED_PROBE_SECS]);
+    let output = remote.output(&command).await.map_err(|error| error_chain(&error))?;
+    if output.success() {
+        Err(format!("a connection to {address}:{port} opened; the firewall must block it"))
+    } else {
+        Ok(format!("connection to {address}:{port} blocked"))
+    }
+}
+
+async fn run(remote: &Remote, command: &RemoteCommand) -> Result<String, String> {
+    remote.run(command).await.map_err(|error: SshError| error_chain(&error))
+}
+
+fn pass(id: &str, detail: String, started: Instant) -> CheckResult {
+    CheckResult { id: id.into(), status: Status::Pass, detail, duration_ms: started.elapsed().as_millis() as u64 }
+}
+
+fn fail(id: &str, detail: String, started: Instant) -> CheckResult {
+    CheckResult { id: id.into(), status: Status::Fail, detail, duration_ms: started.elapsed().as_millis() as u64 }
+}
+
+/// Formats a time since the Unix epoch as RFC 3339 in UTC with milliseconds, as JavaScript's
+/// `Date.toISOString` does.
+pub fn rfc3339(since_epoch: Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (hour, minute, second) = (rest / 3600, rest % 3600 / 60, rest % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
+        since_epoch.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        assert_eq!(rfc3339(Duration::from_secs(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(Duration::from_millis(1_735_689_600_123)), "2025-01-01T00:00:00.123Z");
+        assert_eq!(rfc3339(Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn startup_lines_name_the_worker() {
+        let lines = startup_lines("yametee-worker");
+        assert_eq!(lines[3], "Worker yametee-worker started");
+        assert_eq!(lines[4], "Worker yametee-worker ready and waiting for jobs");
+    }
+}
