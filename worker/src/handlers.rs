@@ -1,0 +1,92 @@
+//! Job handlers: the work each job type does.
+//!
+//! Every handler makes a repeated delivery of the same job id harmless. Handlers that
+//! write to PostgreSQL insert the job id into `processed_jobs` in the same transaction as
+//! their writes; handlers that write only to Redis check a marker key first.
+
+mod cache;
+mod email;
+mod order;
+mod probe;
+mod webhook;
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio_postgres::Transaction;
+
+use crate::db::DatabaseSlot;
+use crate::job::{Job, JobRequest};
+use crate::keys::QueueKeys;
+
+/// Longest time one job may run before it counts as failed and is retried.
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Result of a handler that succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job did its work.
+    Done,
+    /// The job id had completed before, so nothing was applied again.
+    AlreadyProcessed,
+}
+
+/// A failure worth retrying: the same job may succeed once the database or Redis is
+/// reachable again. Invalid jobs never get this far; parsing rejects them.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("database query failed")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("Redis command failed")]
+    Redis(#[from] redis::RedisError),
+    #[error("job timed out after {} s", .0.as_secs())]
+    TimedOut(Duration),
+}
+
+/// What a handler may use besides the job itself.
+pub struct JobContext<'a> {
+    /// This job's own PostgreSQL connection.
+    pub database: &'a mut DatabaseSlot,
+    pub redis: ConnectionManager,
+    pub keys: &'a QueueKeys,
+}
+
+/// Runs the handler for the job's type.
+pub async fn handle(job: &Job, context: JobContext<'_>) -> Result<Outcome, JobError> {
+    let JobContext { database, mut redis, keys } = context;
+    let instance = keys.instance();
+
+    match &job.request {
+        JobRequest::OrderProcess { order_id } => {
+            order::process_order(database.client().await?, job, order_id, instance).await
+        }
+        JobRequest::EmailSend(email) => {
+            email::queue_email(database.client().await?, job, email, instance).await
+        }
+        JobRequest::WebhookProcess(webhook) => {
+            webhook::record_webhook(database.client().await?, job, webhook, instance).await
+        }
+        JobRequest::CacheWarm { entries } => {
+            cache::warm_cache(database.client().await?, &mut redis, keys, job, entries).await
+        }
+        JobRequest::VerifyProbe => probe::write_probe_result(&mut redis, job, instance).await,
+    }
+}
+
+/// Records the job as completed inside `transaction`. Returns `false` when the job id
+/// had already completed; a concurrent delivery of the same id waits here until the
+/// first one commits or rolls back.
+async fn record_processed(
+    transaction: &Transaction<'_>,
+    job: &Job,
+    instance: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let inserted = transaction
+        .execute(
+            "INSERT INTO processed_jobs (job_id, job_type, worker) VALUES ($1, $2, $3)
+             ON CONFLICT (job_id) DO NOTHING",
+            &[&job.id, &job.request.job_type(), &instance],
+        )
+        .await?;
+    Ok(inserted == 1)
+}

@@ -1,0 +1,154 @@
+//! Names of the Redis keys the worker reads and writes.
+//!
+//! Every key except the probe result is named after the queue list, so two deployments
+//! with different `YAMETEE_QUEUE` values share one Redis without touching each other.
+
+/// Prefix of the key a `verify:probe` job writes. It is fixed, not derived from the
+/// queue name, because the deploy tool's verification polls exactly this key.
+pub const PROBE_KEY_PREFIX: &str = "yametee:probe:";
+
+/// Key names for one queue, seen from one worker instance.
+#[derive(Debug, Clone)]
+pub struct QueueKeys {
+    queue: String,
+    instance: String,
+}
+
+impl QueueKeys {
+    /// Creates the key names for `queue` as seen by the worker instance `instance`
+    /// (`<worker name>@<host name>`).
+    pub fn new(queue: &str, instance: &str) -> QueueKeys {
+        QueueKeys {
+            queue: queue.to_string(),
+            instance: instance.to_string(),
+        }
+    }
+
+    /// Returns the list producers push jobs onto.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Returns this worker's instance name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Returns the list holding the jobs this instance has taken and not yet finished.
+    pub fn own_inflight(&self) -> String {
+        self.inflight(&self.instance)
+    }
+
+    /// Returns the in-flight list of any worker instance.
+    pub fn inflight(&self, instance: &str) -> String {
+        format!("{}:inflight:{instance}", self.queue)
+    }
+
+    /// Returns the `SCAN MATCH` pattern that finds every instance's in-flight list.
+    pub fn inflight_pattern(&self) -> String {
+        format!("{}:inflight:*", escape_glob(&self.queue))
+    }
+
+    /// Returns the instance name that an in-flight list key belongs to, or `None` when
+    /// the key is not an in-flight list of this queue.
+    pub fn instance_of_inflight(&self, key: &str) -> Option<String> {
+        key.strip_prefix(&self.queue)
+            .and_then(|rest| rest.strip_prefix(":inflight:"))
+            .filter(|instance| !instance.is_empty())
+            .map(str::to_string)
+    }
+
+    /// Returns this instance's heartbeat key.
+    pub fn own_heartbeat(&self) -> String {
+        self.heartbeat(&self.instance)
+    }
+
+    /// Returns the heartbeat key of any worker instance. The key expires unless its
+    /// worker refreshes it, and its absence marks the instance as dead.
+    pub fn heartbeat(&self, instance: &str) -> String {
+        format!("{}:worker:{instance}", self.queue)
+    }
+
+    /// Returns the sorted set of jobs waiting for a retry, scored by due time in Unix
+    /// milliseconds.
+    pub fn retry(&self) -> String {
+        format!("{}:retry", self.queue)
+    }
+
+    /// Returns the dead letter list.
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.queue)
+    }
+
+    /// Returns the marker key that records a completed job which wrote only to Redis.
+    pub fn done_marker(&self, job_id: &str) -> String {
+        format!("{}:done:{job_id}", self.queue)
+    }
+
+    /// Returns the key a `cache:warm` job writes the cache entry `name` to.
+    pub fn cache(&self, name: &str) -> String {
+        format!("{}:cache:{name}", self.queue)
+    }
+
+    /// Returns the key a `verify:probe` job writes its result to.
+    pub fn probe(job_id: &str) -> String {
+        format!("{PROBE_KEY_PREFIX}{job_id}")
+    }
+}
+
+/// Escapes the characters that `SCAN MATCH` treats as a pattern.
+fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> QueueKeys {
+        QueueKeys::new("yametee:jobs", "yametee-worker@worker-1")
+    }
+
+    #[test]
+    fn keys_are_named_after_queue() {
+        let keys = keys();
+
+        assert_eq!(keys.own_inflight(), "yametee:jobs:inflight:yametee-worker@worker-1");
+        assert_eq!(keys.own_heartbeat(), "yametee:jobs:worker:yametee-worker@worker-1");
+        assert_eq!(keys.retry(), "yametee:jobs:retry");
+        assert_eq!(keys.dead(), "yametee:jobs:dead");
+        assert_eq!(keys.done_marker("j1"), "yametee:jobs:done:j1");
+        assert_eq!(keys.cache("orders:status_counts"), "yametee:jobs:cache:orders:status_counts");
+    }
+
+    #[test]
+    fn probe_key_ignores_queue_name() {
+        let _ = QueueKeys::new("staging:jobs", "w@h");
+        assert_eq!(QueueKeys::probe("p-1"), "yametee:probe:p-1");
+    }
+
+    #[test]
+    fn instance_is_read_back_from_inflight_key() {
+        let keys = keys();
+
+        assert_eq!(
+            keys.instance_of_inflight("yametee:jobs:inflight:other@host-2"),
+            Some("other@host-2".to_string())
+        );
+        assert_eq!(keys.instance_of_inflight("yametee:jobs:inflight:"), None);
+        assert_eq!(keys.instance_of_inflight("other:jobs:inflight:w@h"), None);
+    }
+
+    #[test]
+    fn inflight_pattern_escapes_glob_characters() {
+        let keys = QueueKeys::new("jobs[1]*", "w@h");
+        assert_eq!(keys.inflight_pattern(), "jobs\\[1\\]\\*:inflight:*");
+    }
+}
