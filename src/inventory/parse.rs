@@ -88,6 +88,9 @@ impl<'a> Mapping<'a> {
 #[derive(Default)]
 struct Reader {
     problems: Vec<Problem>,
+    /// Roles of every host whose role list is valid, even when another of its settings is
+    /// not, so the topology is checked in the same run.
+    host_roles: Vec<Vec<Role>>,
 }
 
 impl Reader {
@@ -105,9 +108,8 @@ impl Reader {
         let app = self.required(&top, "app").and_then(|node| self.app(node));
         let hosts = self.required(&top, "hosts").and_then(|node| self.hosts(node, &ssh_defaults));
 
-        let (app, hosts) = (app?, hosts?);
-        self.check_topology(root, &top, &hosts);
-        Some(Inventory { hosts, app })
+        self.check_topology(root, &top, hosts.as_deref().unwrap_or_default());
+        Some(Inventory { hosts: hosts?, app: app? })
     }
 
     fn ssh_defaults(&mut self, top: &Mapping) -> SshSettings {
@@ -344,13 +346,20 @@ impl Reader {
                 }
             }
         }
-        valid.then(|| roles.into_iter().collect())
+        let roles: Vec<Role> = roles.into_iter().collect();
+        if valid {
+            self.host_roles.push(roles.clone());
+        }
+        valid.then_some(roles)
     }
 
     fn check_topology(&mut self, root: &Node, top: &Mapping, hosts: &[Host]) {
         let hosts_node = top.get("hosts").unwrap_or(root);
+        if top.get("hosts").is_none() {
+            return;
+        }
         for role in [Role::Postgres, Role::Redis] {
-            let count = hosts.iter().filter(|host| host.has_role(role)).count();
+            let count = self.host_roles.iter().filter(|roles| roles.contains(&role)).count();
             if count == 0 {
                 self.report(hosts_node, format!(
                     "no host has the role `{role}`; expected exactly one {role} host"
@@ -660,6 +669,8 @@ hosts:
              {file: PATH}; secrets are never written in the inventory",
             "8:3: unknown key `colour` in app; expected one of: database, redis, queue, worker, \
              web, thresholds",
+            "10:3: no host has the role `postgres`; expected exactly one postgres host",
+            "10:3: no host has the role `redis`; expected exactly one redis host",
             "11:14: invalid hosts.web.address `192.168.120.500`; expected an IPv4 address such as \
              192.168.120.45",
             "12:18: unknown role `cache` in hosts.web; expected a list of roles from: postgres, \

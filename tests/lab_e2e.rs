@@ -1,0 +1,136 @@
+//! End to end on the lab: boots a replica of inventory.yaml in systemd-nspawn containers,
+//! applies, verifies that every check passes, checks that a second apply changes and
+//! restarts nothing, and takes the lab down. Needs root, systemd-nspawn and debootstrap
+//! (`scripts/setup.sh` installs them); where they are missing the test says so and skips,
+//! except under CI, where it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn deploy_binary() -> PathBuf {
+    std::env::var_os("YAMETEE_DEPLOY_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_yametee-deploy")))
+}
+
+fn worker_binary() -> PathBuf {
+    std::env::var_os("YAMETEE_WORKER_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| deploy_binary().with_file_name("yametee-worker"))
+}
+
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    for program in ["systemd-nspawn", "debootstrap", "ip"] {
+        let found = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("{program} is not installed (run scripts/setup.sh)"));
+        }
+    }
+    if !worker_binary().exists() {
+        return Some(format!("no worker binary at {} (run cargo build --release --workspace)", worker_binary().display()));
+    }
+    None
+}
+
+fn deploy(args: &[&str]) -> Output {
+    let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory.yaml");
+    let output = Command::new(deploy_binary())
+        .arg("-i")
+        .arg(&inventory)
+        .arg("--worker-binary")
+        .arg(worker_binary())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("yametee-deploy runs");
+    eprintln!("$ yametee-deploy {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|error| panic!("stdout is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Takes the lab down when the test ends, whether it passed or not.
+struct Lab;
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let output = deploy(&["lab", "down"]);
+        if !output.status.success() && !std::thread::panicking() {
+            panic!("lab down failed");
+        }
+    }
+}
+
+#[test]
+fn lab_apply_verify_then_reapply_changes_nothing() {
+    if let Some(reason) = missing_prerequisite() {
+        if std::env::var_os("CI").is_some() {
+            panic!("the lab end-to-end test cannot run under CI: {reason}");
+        }
+        eprintln!("SKIPPED lab_apply_verify_then_reapply_changes_nothing: {reason}");
+        return;
+    }
+
+    let up = deploy(&["lab", "up"]);
+    let lab = Lab;
+    assert!(up.status.success(), "lab up failed:\n{}", String::from_utf8_lossy(&up.stdout));
+
+    let first = deploy(&["--lab", "--format", "json", "apply"]);
+    let first_report = json(&first);
+    assert_eq!(first.status.code(), Some(0), "first apply failed: {first_report:#}");
+    assert_eq!(first_report["ok"], true);
+
+    let verify = deploy(&["--lab", "--format", "json", "verify"]);
+    let report = json(&verify);
+    let failed: Vec<String> = report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .flat_map(|host| {
+            host["checks"].as_array().expect("checks").iter().filter(|check| check["status"] != "pass").map(
+                move |check| format!("{} {}: {} ({})", host["name"], check["id"], check["status"], check["detail"]),
+            )
+        })
+        .collect();
+    assert!(failed.is_empty(), "checks that did not pass: {failed:#?}");
+    assert_eq!(verify.status.code(), Some(0));
+    assert_eq!(report["ok"], true);
+    let check_ids: Vec<&str> = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|host| host["checks"].as_array().unwrap().iter().map(|check| check["id"].as_str().unwrap()))
+        .collect();
+    for id in ["ssh.reachable", "worker.startup-log", "worker.redis-ping", "worker.postgres-select1", "queue.depth", "e2e.probe-job", "firewall.rules", "firewall.blocks-redis"] {
+        assert!(check_ids.contains(&id), "verify has no {id} check: {check_ids:?}");
+    }
+
+    let second = deploy(&["--lab", "--format", "json", "apply"]);
+    let second_report = json(&second);
+    assert_eq!(second.status.code(), Some(0), "second apply failed: {second_report:#}");
+    for host in second_report["hosts"].as_array().expect("hosts") {
+        assert_eq!(host["outcome"], "unchanged", "second apply changed {}: {host:#}", host["name"]);
+        assert_eq!(host["changes"].as_array().map(Vec::len), Some(0), "{host:#}");
+        assert_eq!(host["restarted"].as_array().map(Vec::len), Some(0), "{host:#}");
+    }
+
+    let plan = deploy(&["--lab", "plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "plan after apply is not in sync:\n{}", String::from_utf8_lossy(&plan.stdout));
+
+    drop(lab);
+    let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip runs");
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains("ytd-"), "a lab namespace is left: {}", String::from_utf8_lossy(&netns.stdout));
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+    assert!(!mounts.lines().any(|line| line.contains("yametee-deploy")), "a lab mount is left");
+}
