@@ -2,7 +2,6 @@
 //! the worker release and switches to it atomically, synchronises ufw, restarts what changed
 //! and rolls the worker back when the new process does not report ready.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -12,13 +11,13 @@ use crate::inventory::Inventory;
 use crate::plan::{Change, HostPlan, Step, WorkerBinary};
 use crate::render::{worker_paths, RenderedFile};
 use crate::secrets::Secrets;
-use crate::ssh::{last_lines, shell_quote, Remote, RemoteCommand, SshError};
+use crate::ssh::{last_lines, Remote, RemoteCommand, SshError};
 
 const PACKAGE_TIMEOUT: Duration = Duration::from_secs(900);
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How a host's apply ended.
+/// Result of apply on one host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
@@ -43,7 +42,7 @@ pub enum ApplyError {
     NotReady { host: String, unit: String, journal: String },
 }
 
-/// What apply did on one host.
+/// Report of apply on one host: its changes, restarts and outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct HostReport {
     pub name: String,
@@ -109,7 +108,7 @@ pub async fn apply_host(
     Ok(())
 }
 
-/// A one-line, present-tense description of a step for progress output.
+/// Describes a step in one line for progress output.
 fn describe(step: &Step) -> String {
     let change = step.change();
     format!("{} {} {}", change.action, change.kind, change.target)
@@ -406,22 +405,6 @@ pub fn split_rule(rule: &str) -> Vec<String> {
     words
 }
 
-/// Shell form of a rule, for messages.
-pub fn rule_for_display(rule: &str) -> String {
-    split_rule(rule).iter().map(|word| shell_quote(word)).collect::<Vec<_>>().join(" ")
-}
-
-/// The units of a plan that apply would restart, for dry runs.
-pub fn planned_restarts(plan: &HostPlan) -> BTreeSet<String> {
-    plan.steps
-        .iter()
-        .filter_map(|step| match step {
-            Step::Restart(unit) => Some(unit.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,7 +415,6 @@ mod tests {
             split_rule("allow from 10.0.0.5 to any port 6379 proto tcp comment 'redis from worker'"),
             vec!["allow", "from", "10.0.0.5", "to", "any", "port", "6379", "proto", "tcp", "comment", "redis from worker"]
         );
-        assert_eq!(rule_for_display("allow 22/tcp comment 'ssh'"), "allow 22/tcp comment ssh");
     }
 
     #[test]

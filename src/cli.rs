@@ -93,7 +93,7 @@ pub enum LabCommand {
     Up,
     /// Stop every lab host and remove its network, mounts and processes.
     Down,
-    /// Show each lab host and whether it runs and answers on SSH.
+    /// Show each lab host and whether it runs and accepts SSH connections.
     Status,
     /// Open an SSH session to a lab host, or run a command on it.
     Ssh {

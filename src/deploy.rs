@@ -1,6 +1,6 @@
-//! Runs plan and apply across the inventory: hosts in dependency tiers (PostgreSQL and Redis
-//! before their clients), the hosts of one tier in parallel with a bounded number of
-//! connections, and a failed host stopping only the tiers that depend on it.
+//! Runs plan and apply across the inventory. Hosts are worked in dependency tiers, PostgreSQL
+//! and Redis before their clients. The hosts of one tier run in parallel with a bounded number
+//! of connections, and a failed host stops only the tiers that depend on it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -206,7 +206,7 @@ pub fn role_names(host: &Host) -> Vec<String> {
     host.roles.iter().map(|role| role.as_str().to_string()).collect()
 }
 
-/// An error and its causes on one line: "a: b: c".
+/// Formats an error and its causes on one line: "a: b: c".
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

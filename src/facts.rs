@@ -1,6 +1,5 @@
-//! What a host looks like now: the current content of its managed files, its packages, users,
-//! services, firewall, worker release and pending restarts. Read-only; nothing here changes a
-//! host.
+//! Current state of a host: the content of its managed files, its packages, users, services,
+//! firewall, worker release and pending restarts. Reading it changes nothing on the host.
 
 use std::collections::{BTreeMap, BTreeSet};
 

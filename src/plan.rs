@@ -153,7 +153,7 @@ impl Step {
                 };
                 ("file", file.path.clone(), action)
             }
-            Step::EnsureLastLine(line) => ("file", line.path.clone(), format!("end with `{}`", line.line)),
+            Step::EnsureLastLine(line) => ("file", format!("{} (last line `{}`)", line.path, line.line), "update".into()),
             Step::InstallRelease { release, .. } => ("release", format!("{}/{release}", worker_paths::RELEASES_DIR), "install and switch".into()),
             Step::DaemonReload => ("service", "systemd".into(), "daemon-reload".into()),
             Step::AddFirewallRule(rule) => ("firewall", rule.clone(), "add".into()),

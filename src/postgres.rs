@@ -23,7 +23,11 @@ pub async fn ensure_access(
         .success();
     if !server_up && dry_run {
         // The server starts during apply; until then nothing can be checked.
-        return Ok(vec![change(&database.user, "create if missing, once the server runs")]);
+        return Ok(vec![Change {
+            kind: "postgres",
+            target: format!("role {} and database {} (checked once the server runs)", database.user, database.name),
+            action: "ensure".into(),
+        }]);
     }
 
     let listing = format!(

@@ -30,7 +30,7 @@ pub struct RemoteCommand {
     run_as: RunAs,
     stdin: Option<Vec<u8>>,
     timeout: Duration,
-    /// What the command does, shown in messages instead of the argv (for scripts).
+    /// Description of a script, shown in messages instead of its argv.
     label: Option<String>,
 }
 
@@ -52,8 +52,8 @@ impl RemoteCommand {
         }
     }
 
-    /// A shell script run by `sh -c`, with `args` as its positional parameters `$1`, `$2`, ….
-    /// The script is a constant; values only ever travel as arguments.
+    /// Builds a shell script run by `sh -c`, with `args` as its positional parameters `$1`,
+    /// `$2`, …. The script is a constant, and values only ever travel as arguments.
     pub fn script(label: &str, script: &str, args: &[&str]) -> RemoteCommand {
         let mut command = RemoteCommand::new("sh");
         command.label = Some(label.to_string());
