@@ -1,7 +1,7 @@
 //! Worker settings read from the environment and validated before anything connects.
 //!
 //! Validation collects every problem instead of stopping at the first, so an operator
-//! fixing an env file sees the whole list in one start attempt.
+//! fixing an env file gets the whole list in one start attempt.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,7 +15,7 @@ pub const DEFAULT_QUEUE: &str = "yametee:jobs";
 pub const DEFAULT_WORKER_NAME: &str = "yametee-worker";
 /// Jobs processed at the same time when `WORKER_CONCURRENCY` is not set.
 pub const DEFAULT_CONCURRENCY: usize = 1;
-/// Upper bound of `WORKER_CONCURRENCY`. Each concurrent job holds its own PostgreSQL
+/// Upper bound of `WORKER_CONCURRENCY`. Each concurrent job uses its own PostgreSQL
 /// connection, and PostgreSQL's default `max_connections` is 100.
 pub const MAX_CONCURRENCY: usize = 64;
 /// Seconds a shutdown waits for running jobs when `WORKER_DRAIN_TIMEOUT_SECS` is not set.
@@ -61,7 +61,7 @@ impl fmt::Debug for Config {
 pub struct ConfigProblem {
     /// Name of the environment variable.
     pub variable: &'static str,
-    /// What is wrong with it and what is expected, without any password.
+    /// Description of the problem and of the expected value, without any password.
     pub message: String,
 }
 
@@ -229,7 +229,7 @@ fn check_database_url(url: &str) -> Vec<ConfigProblem> {
         ));
     }
 
-    // The PostgreSQL client parses the URL again when connecting; running its parser now
+    // The PostgreSQL client parses the URL again when connecting. Running its parser now
     // turns a bad option into a start-up problem instead of a connection failure.
     let config = match tokio_postgres::Config::from_str(url) {
         Ok(config) => config,
@@ -475,7 +475,7 @@ mod tests {
     }
 
     #[test]
-    fn database_url_that_is_not_a_url_is_rejected() {
+    fn non_url_database_url_is_rejected() {
         let problems = config_from(&[
             ("DATABASE_URL", "host=db user=u"),
             ("REDIS_URL", GOOD_REDIS_URL),

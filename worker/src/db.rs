@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 /// Time allowed to open a PostgreSQL connection when the URL sets no `connect_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest time start-up waits for another worker to finish applying migrations.
+/// Maximum time start-up waits for another worker to finish applying migrations.
 pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Advisory lock key that serialises migrations between workers ("yametee" in ASCII
 /// followed by 0x01).

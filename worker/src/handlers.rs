@@ -2,7 +2,7 @@
 //!
 //! Every handler makes a repeated delivery of the same job id harmless. Handlers that
 //! write to PostgreSQL insert the job id into `processed_jobs` in the same transaction as
-//! their writes; handlers that write only to Redis check a marker key first.
+//! their writes. Handlers that write only to Redis check a marker key first.
 
 mod cache;
 mod email;
@@ -19,7 +19,7 @@ use crate::db::DatabaseSlot;
 use crate::job::{Job, JobRequest};
 use crate::keys::QueueKeys;
 
-/// Longest time one job may run before it counts as failed and is retried.
+/// Maximum time one job may run before it counts as failed and is retried.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Result of a handler that succeeded.
@@ -43,7 +43,7 @@ pub enum JobError {
     TimedOut(Duration),
 }
 
-/// What a handler may use besides the job itself.
+/// Resources a handler may use besides the job itself.
 pub struct JobContext<'a> {
     /// This job's own PostgreSQL connection.
     pub database: &'a mut DatabaseSlot,
@@ -73,8 +73,8 @@ pub async fn handle(job: &Job, context: JobContext<'_>) -> Result<Outcome, JobEr
     }
 }
 
-/// Records the job as completed inside `transaction`. Returns `false` when the job id
-/// had already completed; a concurrent delivery of the same id waits here until the
+/// Records the job as completed inside `transaction`, and returns `false` when the job
+/// id had already completed. A concurrent delivery of the same id waits here until the
 /// first one commits or rolls back.
 async fn record_processed(
     transaction: &Transaction<'_>,

@@ -36,7 +36,7 @@ pub struct Job {
     pub document: Map<String, Value>,
 }
 
-/// The work a job asks for, with its validated data.
+/// The work a job requests, with its validated data.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobRequest {
     OrderProcess { order_id: String },

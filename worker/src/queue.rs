@@ -8,6 +8,7 @@
 //! The cost is that a job can run twice, which the handlers make harmless.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -17,8 +18,8 @@ use tracing::warn;
 use crate::keys::QueueKeys;
 
 /// How long one `BLMOVE` waits for a job. It bounds how late the fetch loop notices a
-/// shutdown, because a blocking command is never cancelled half-way: a cancelled
-/// `BLMOVE` could still move a job that nobody then processes.
+/// shutdown, because the fetch loop never cancels a blocking command half-way. A
+/// cancelled `BLMOVE` could still move a job that no task then processes.
 pub const FETCH_BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Client read timeout of the blocking connection, longer than [`FETCH_BLOCK_TIMEOUT`]
 /// so that a `BLMOVE` that found no job is not mistaken for a dead connection.
@@ -41,8 +42,10 @@ const MAX_SCAN_ROUNDS: usize = 10_000;
 
 /// Moves every job of an in-flight list (KEYS[1]) to the head of the queue (KEYS[2]) in
 /// their original order. With a third key, moves nothing and returns -1 while that
-/// heartbeat key exists, so a worker that came back is not robbed.
-const RETURN_INFLIGHT_SCRIPT: &str = r"
+/// heartbeat key exists, so a worker that came back keeps its jobs.
+static RETURN_INFLIGHT_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
   return -1
 end
@@ -55,50 +58,68 @@ for _ = 1, length do
   moved = moved + 1
 end
 return moved
-";
+",
+    )
+});
 
 /// Moves one job (ARGV[1]) from the in-flight list (KEYS[1]) to the head of the queue
 /// (KEYS[2]). Returns 1 when moved, 0 when the job was not in the list.
-const RETURN_ONE_SCRIPT: &str = r"
+static RETURN_ONE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
   return 0
 end
 redis.call('LPUSH', KEYS[2], ARGV[1])
 return 1
-";
+",
+    )
+});
 
 /// Replaces a job (ARGV[1]) of the in-flight list (KEYS[1]) with its retry document
 /// (ARGV[2]) in the retry set (KEYS[2]) at the due time (ARGV[3], Unix ms). Returns 0
 /// and changes nothing when the job is no longer in flight here.
-const SCHEDULE_RETRY_SCRIPT: &str = r"
+static SCHEDULE_RETRY_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
   return 0
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 return 1
-";
+",
+    )
+});
 
 /// Replaces a job (ARGV[1]) of the in-flight list (KEYS[1]) with its dead letter
 /// envelope (ARGV[2]) at the tail of the dead letter list (KEYS[2]). Returns 0 and
 /// changes nothing when the job is no longer in flight here.
-const DEAD_LETTER_SCRIPT: &str = r"
+static DEAD_LETTER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
   return 0
 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
-";
+",
+    )
+});
 
 /// Moves up to ARGV[2] jobs due by ARGV[1] (Unix ms) from the retry set (KEYS[1]) to the
 /// tail of the queue (KEYS[2]). Returns the number moved.
-const PROMOTE_DUE_SCRIPT: &str = r"
+static PROMOTE_DUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, job in ipairs(due) do
   redis.call('ZREM', KEYS[1], job)
   redis.call('RPUSH', KEYS[2], job)
 end
 return #due
-";
+",
+    )
+});
 
 /// Whether a job left the in-flight list as asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +206,7 @@ impl Queue {
 
     /// Moves a failed job from the in-flight list to the retry set, due at `due_unix_ms`.
     pub async fn schedule_retry(&mut self, raw: &str, document: &str, due_unix_ms: i64) -> RedisResult<Removal> {
-        let moved: i64 = Script::new(SCHEDULE_RETRY_SCRIPT)
+        let moved: i64 = SCHEDULE_RETRY_SCRIPT
             .key(self.keys.own_inflight())
             .key(self.keys.retry())
             .arg(raw)
@@ -198,7 +219,7 @@ impl Queue {
 
     /// Moves a job from the in-flight list to the dead letter list as `envelope`.
     pub async fn dead_letter(&mut self, raw: &str, envelope: &str) -> RedisResult<Removal> {
-        let moved: i64 = Script::new(DEAD_LETTER_SCRIPT)
+        let moved: i64 = DEAD_LETTER_SCRIPT
             .key(self.keys.own_inflight())
             .key(self.keys.dead())
             .arg(raw)
@@ -211,7 +232,7 @@ impl Queue {
     /// Moves retries that are due by `now_unix_ms` back to the queue and returns how many
     /// moved.
     pub async fn promote_due_retries(&mut self, now_unix_ms: i64) -> RedisResult<usize> {
-        Script::new(PROMOTE_DUE_SCRIPT)
+        PROMOTE_DUE_SCRIPT
             .key(self.keys.retry())
             .key(self.keys.queue())
             .arg(now_unix_ms)
@@ -238,7 +259,7 @@ impl Queue {
     /// Only safe when no job of this instance is running: at start, for jobs a previous
     /// run left behind, and at shutdown, for jobs that did not finish in time.
     pub async fn return_own_inflight(&mut self) -> RedisResult<i64> {
-        Script::new(RETURN_INFLIGHT_SCRIPT)
+        RETURN_INFLIGHT_SCRIPT
             .key(self.keys.own_inflight())
             .key(self.keys.queue())
             .invoke_async(&mut self.connection)
@@ -261,7 +282,7 @@ impl Queue {
             if *count <= running.get(raw).copied().unwrap_or(0) {
                 continue;
             }
-            let returned: i64 = Script::new(RETURN_ONE_SCRIPT)
+            let returned: i64 = RETURN_ONE_SCRIPT
                 .key(self.keys.own_inflight())
                 .key(self.keys.queue())
                 .arg(raw)
@@ -285,7 +306,7 @@ impl Queue {
                 continue;
             }
 
-            let moved: i64 = Script::new(RETURN_INFLIGHT_SCRIPT)
+            let moved: i64 = RETURN_INFLIGHT_SCRIPT
                 .key(&key)
                 .key(self.keys.queue())
                 .key(self.keys.heartbeat(&instance))

@@ -9,18 +9,17 @@ pub const REDACTED: &str = "***";
 
 /// Replaces the password in a connection URL with `***`.
 ///
-/// Handles `scheme://user:password@host/...` and a `password=` query parameter. The
-/// input does not have to be a valid URL: for a malformed one this errs on the side of
-/// hiding too much, so a password never leaks through a URL that failed to parse.
+/// Handles `scheme://user:password@host/...` and a `password=` query parameter. Input
+/// that is not a valid URL gets the same treatment, which may hide more than the
+/// password: everything between the first ':' of the user information and the last '@'.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return redact_password_parameter(url);
-    };
-    let authority_start = scheme_end + 3;
+    // Without "://" (a typo such as "postgres:/u:p@h") the user information may start at
+    // the beginning, so the scan covers the whole text.
+    let authority_start = url.find("://").map_or(0, |scheme_end| scheme_end + 3);
     let rest = &url[authority_start..];
 
     // The last '@' ends the user information even when an unencoded '@' sits inside the
-    // password, so everything between the first ':' and that '@' is hidden.
+    // password.
     let redacted_rest = match rest.rfind('@') {
         Some(at) => {
             let user_info = &rest[..at];
@@ -164,9 +163,16 @@ mod tests {
     }
 
     #[test]
-    fn redact_url_handles_text_that_is_not_a_url() {
+    fn redact_url_keeps_plain_text() {
         assert_eq!(redact_url("not a url"), "not a url");
         assert_eq!(redact_url(""), "");
+    }
+
+    #[test]
+    fn redact_url_hides_password_in_malformed_url() {
+        let redacted = redact_url("postgres:/user:s3cret@db/app");
+        assert!(!redacted.contains("s3cret"), "{redacted}");
+        assert_eq!(redacted, "postgres:***@db/app");
     }
 
     #[test]

@@ -9,10 +9,10 @@ use serde_json::{json, Map, Value};
 pub const MAX_ATTEMPTS: u32 = 5;
 /// Wait before the first retry; each later retry waits twice as long as the one before.
 pub const BASE_RETRY_DELAY: Duration = Duration::from_secs(10);
-/// Longest wait between two attempts.
+/// Maximum wait between two attempts.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(15 * 60);
 
-/// What to do with a job whose attempt just failed.
+/// Decision for a job whose attempt just failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureAction {
     /// Run the job again after `delay`; `attempts` is the failed attempt count to store.

@@ -22,10 +22,11 @@ use crate::redact::scrub_secrets;
 use crate::retry::{self, FailureAction, MAX_ATTEMPTS};
 
 /// Consecutive failed fetches after which the worker gives up and exits non-zero, so
-/// that systemd restarts it. With [`FETCH_RETRY_DELAY`] this is about a minute.
+/// that systemd restarts it. With the waits of [`fetch_retry_delay`] in between, this is
+/// about a minute.
 const MAX_FETCH_FAILURES: u32 = 12;
-/// Wait between two failed fetches.
-const FETCH_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Maximum wait between two failed fetches.
+const MAX_FETCH_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Interval between moves of due retries back to the queue.
 const RETRY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Interval between checks for in-flight jobs of dead workers; with the heartbeat's
@@ -33,7 +34,7 @@ const RETRY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(15);
 /// Attempts at removing a finished job from the in-flight list before giving up.
 const FINISH_ATTEMPTS: u32 = 3;
-/// Longest wait for the maintenance task to stop at shutdown.
+/// Maximum wait for the maintenance task to stop at shutdown.
 const MAINTENANCE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A repeated background failure is logged on its first occurrence and then once every
 /// this many occurrences, so that a Redis outage does not flood the journal.
@@ -190,7 +191,7 @@ async fn connect_database(config: &tokio_postgres::Config) -> Result<tokio_postg
 /// heartbeat, and returns jobs of workers whose heartbeat expired.
 async fn prepare_queue(queue: &mut Queue, heartbeat: &str) -> redis::RedisResult<()> {
     // An instance name is unique per host and worker name, so whatever its in-flight
-    // list holds at start was left by a previous process that stopped mid-job.
+    // list contains at start was left by a previous process that stopped mid-job.
     let returned = queue.return_own_inflight().await?;
     if returned > 0 {
         warn!(
@@ -251,12 +252,12 @@ async fn fetch_jobs(
         // The fetch is not raced against the shutdown signal: see FETCH_BLOCK_TIMEOUT.
         match fetcher.fetch().await {
             Ok(Some(raw)) => {
-                failures = 0;
+                log_fetch_recovery(&mut failures);
                 shared.start_running(&raw);
                 let slot = idle_slots.pop().expect("an idle slot was checked above");
                 tasks.spawn(run_job(raw, slot, Arc::clone(shared)));
             }
-            Ok(None) => failures = 0,
+            Ok(None) => log_fetch_recovery(&mut failures),
             Err(error) => {
                 failures += 1;
                 check_unclaimed = true;
@@ -264,17 +265,32 @@ async fn fetch_jobs(
                 if failures >= MAX_FETCH_FAILURES {
                     return Err(WorkerError::RedisLost(reason));
                 }
+                let delay = fetch_retry_delay(failures);
                 warn!(
                     "Fetching a job from Redis failed (attempt {failures} of {MAX_FETCH_FAILURES}), \
                      retrying in {} s: {reason}",
-                    FETCH_RETRY_DELAY.as_secs()
+                    delay.as_secs()
                 );
                 tokio::select! {
                     _ = shutdown.changed() => return Ok(()),
-                    () = sleep(FETCH_RETRY_DELAY) => {}
+                    () = sleep(delay) => {}
                 }
             }
         }
+    }
+}
+
+/// Returns the wait after the `failures`-th consecutive failed fetch: 1 s, 2 s, 4 s, then
+/// [`MAX_FETCH_RETRY_DELAY`], so a short Redis restart delays jobs by about a second.
+fn fetch_retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(8);
+    Duration::from_secs(1 << doublings).min(MAX_FETCH_RETRY_DELAY)
+}
+
+fn log_fetch_recovery(failures: &mut u32) {
+    if *failures > 0 {
+        info!("Fetching jobs from Redis works again after {failures} failure(s)");
+        *failures = 0;
     }
 }
 
@@ -296,21 +312,20 @@ async fn run_job(raw: String, mut slot: DatabaseSlot, shared: Arc<Shared>) -> Da
 
     match job::parse_job(&raw) {
         Err(rejection) => {
-            let job_id = rejection.job_id.as_deref().unwrap_or("");
-            let job_type = rejection.job_type.as_deref().unwrap_or("");
             error!(
-                job_id,
-                job_type,
+                job_id = rejection.job_id.as_deref().map(tracing::field::display),
+                job_type = rejection.job_type.as_deref().map(tracing::field::display),
                 "Job {} rejected and moved to the dead letter list: {}",
                 rejection.job_id.as_deref().unwrap_or("without id"),
                 rejection.reason
             );
+            let job_id = rejection.job_id.as_deref().unwrap_or("without id");
             dead_letter(&shared, &raw, job_id, &rejection.reason).await;
         }
         Ok(job) => {
             info!(
                 job_id = %job.id,
-                job_type = job.request.job_type(),
+                job_type = %job.request.job_type(),
                 attempt = job.attempts + 1,
                 "Processing job {} of type {}", job.id, job.request.job_type()
             );
@@ -356,7 +371,7 @@ async fn finish_job(shared: &Shared, raw: &str, job: &Job, result: Result<Outcom
         FailureAction::Retry { attempts, delay } => {
             warn!(
                 job_id = %job.id,
-                job_type = job.request.job_type(),
+                job_type = %job.request.job_type(),
                 attempt = attempts,
                 "Job {} failed (attempt {attempts} of {MAX_ATTEMPTS}), retrying in {} s: {error}",
                 job.id,
@@ -374,7 +389,7 @@ async fn finish_job(shared: &Shared, raw: &str, job: &Job, result: Result<Outcom
             let reason = format!("failed {attempts} attempts, last error: {error}");
             error!(
                 job_id = %job.id,
-                job_type = job.request.job_type(),
+                job_type = %job.request.job_type(),
                 "Job {} moved to the dead letter list: {reason}", job.id
             );
             dead_letter(shared, raw, &job.id, &reason).await;
@@ -407,7 +422,7 @@ where
             Ok(Removal::Removed) => return,
             Ok(Removal::NotInFlight) => {
                 warn!(
-                    job_id,
+                    job_id = %job_id,
                     "Job {job_id} was no longer in this worker's in-flight list when {action} it: \
                      another worker returned it to the queue after this one missed its heartbeats"
                 );
@@ -415,7 +430,7 @@ where
             }
             Err(error) if attempt < FINISH_ATTEMPTS => {
                 warn!(
-                    job_id,
+                    job_id = %job_id,
                     "Redis failed while {action} job {job_id} (attempt {attempt} of {FINISH_ATTEMPTS}): {}",
                     shared.scrub(&error_chain(&error))
                 );
@@ -423,7 +438,7 @@ where
             }
             Err(error) => {
                 error!(
-                    job_id,
+                    job_id = %job_id,
                     "Gave up {action} job {job_id} after {FINISH_ATTEMPTS} attempts; it stays in flight \
                      until this worker restarts: {}",
                     shared.scrub(&error_chain(&error))
@@ -631,6 +646,13 @@ mod tests {
     #[test]
     fn instance_name_joins_worker_and_host() {
         assert_eq!(instance_name("yametee-worker", "worker-1"), "yametee-worker@worker-1");
+    }
+
+    #[test]
+    fn fetch_retry_delay_doubles_up_to_cap() {
+        let delays: Vec<u64> = (1..=5).map(|failures| fetch_retry_delay(failures).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 5, 5]);
+        assert_eq!(fetch_retry_delay(u32::MAX), MAX_FETCH_RETRY_DELAY);
     }
 
     #[test]
