@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::cgroup;
 use super::error::LabError;
 use super::net;
 use super::ssh;
@@ -127,8 +128,10 @@ pub(crate) fn prepare_root(
 ///
 /// systemd-nspawn runs in a session of its own, with stdin from /dev/null and its console
 /// output in the host's console log. `--console=read-only` gives the container a console
-/// without needing a terminal. SIGTERM to the process makes the guest power off.
+/// without needing a terminal. SIGTERM to the process makes the guest power off. The process
+/// runs in the host's own cgroup.
 pub(crate) fn boot(dirs: &HostDirs, host: &HostRecord) -> Result<Child, LabError> {
+    let cgroups = cgroup::create_host_cgroups(&host.name)?;
     let log =
         fs::File::create(&dirs.console_log).map_err(LabError::io("create", &dirs.console_log))?;
     let log_err = log
@@ -157,13 +160,14 @@ pub(crate) fn boot(dirs: &HostDirs, host: &HostRecord) -> Result<Child, LabError
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // SAFETY: the closure only makes async-signal-safe system calls (setsid, open, write,
+    // close) and allocates nothing, as required between fork() and exec().
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            cgroups.join()
         });
     }
 
@@ -226,6 +230,9 @@ pub(crate) fn stop(hosts: &[(HostDirs, HostRecord)], grace: Duration) {
         let left = kill_container_processes(&host.netns);
         if !left.is_empty() {
             tracing::warn!(host = %host.name, pids = ?left, "container processes still running after SIGKILL");
+        }
+        for dir in cgroup::remove_host_cgroups(&host.name) {
+            tracing::warn!(host = %host.name, cgroup = %dir.display(), "failed to remove the host's cgroup");
         }
     }
 }

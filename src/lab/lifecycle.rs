@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use super::cgroup;
 use super::error::LabError;
 use super::host::{self, HostDirs};
 use super::image;
@@ -139,6 +140,13 @@ pub fn down() -> Result<(), LabError> {
         if let Err(error) = net::delete_netns(netns) {
             errors.push(error);
         }
+    }
+
+    for dir in cgroup::remove_lab_cgroups() {
+        eprintln!(
+            "lab: failed to remove the cgroup {}; a process may still be in it",
+            dir.display()
+        );
     }
 
     if errors.is_empty() {

@@ -10,6 +10,7 @@
 
 use std::net::Ipv4Addr;
 
+mod cgroup;
 mod context;
 mod error;
 mod host;

@@ -28,6 +28,10 @@ pub(crate) const CONTROL_NETNS: &str = "ytd-ctl";
 /// Bridge in the control namespace that every host's veth is enslaved to.
 const BRIDGE: &str = "ytd-br0";
 
+/// Fixed MAC address of the bridge. Linux otherwise gives a bridge the lowest MAC address of
+/// its ports, so the control address's MAC would change as hosts come and go.
+const BRIDGE_MAC: &str = "02:00:00:00:00:01";
+
 /// Name of the host's interface inside its own namespace, as on a typical VM.
 pub(crate) const HOST_INTERFACE: &str = "eth0";
 
@@ -61,6 +65,8 @@ pub(crate) struct HostNetwork {
     pub address: Ipv4Addr,
     pub netns: String,
     pub control_veth: String,
+    /// MAC address of the host's interface, derived from its IPv4 address.
+    pub mac: String,
     /// The control namespace's address in the host's subnet, used as its default route.
     pub gateway: Ipv4Addr,
 }
@@ -117,6 +123,7 @@ pub(crate) fn plan_network(hosts: &[LabHost]) -> Result<NetworkPlan, LabError> {
             address: host.address,
             netns: host_netns_name(&host.name),
             control_veth: control_veth_name(&host.name),
+            mac: host_mac_address(host.address),
             gateway,
         });
     }
@@ -179,6 +186,14 @@ pub(crate) fn control_veth_name(host_name: &str) -> String {
     format!("{VETH_PREFIX}{head}-{}", &hash[..4])
 }
 
+/// MAC address for the host with this IPv4 address: locally administered (`02:00:`) followed
+/// by the address's four bytes. A host created again at the same address gets the same MAC
+/// address, so no neighbour cache in the lab keeps pointing at a deleted interface.
+pub(crate) fn host_mac_address(address: Ipv4Addr) -> String {
+    let [a, b, c, d] = address.octets();
+    format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
 fn subnet_of(address: Ipv4Addr) -> Ipv4Addr {
     let [a, b, c, _] = address.octets();
     Ipv4Addr::new(a, b, c, 0)
@@ -211,48 +226,30 @@ pub(crate) fn ensure_control_network(plan: &NetworkPlan) -> Result<(), LabError>
     ensure_netns(CONTROL_NETNS)?;
 
     if !link_exists(CONTROL_NETNS, BRIDGE)? {
-        ip(&["-n", CONTROL_NETNS, "link", "add", BRIDGE, "type", "bridge"])?;
+        let add_bridge = [
+            "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
+        ];
+        ip_in(CONTROL_NETNS, &add_bridge)?;
     }
-    ip(&["-n", CONTROL_NETNS, "link", "set", BRIDGE, "up"])?;
+    ip_in(CONTROL_NETNS, &["link", "set", BRIDGE, "up"])?;
 
     let current = bridge_addresses()?;
-    for address in current
-        .iter()
-        .filter(|address| !plan.control_addresses.contains(address))
-    {
-        ip(&[
-            "-n",
-            CONTROL_NETNS,
-            "addr",
-            "del",
-            &format!("{address}/{PREFIX_LENGTH}"),
-            "dev",
-            BRIDGE,
-        ])?;
+    for address in &current {
+        if !plan.control_addresses.contains(address) {
+            let prefix = format!("{address}/{PREFIX_LENGTH}");
+            ip_in(CONTROL_NETNS, &["addr", "del", &prefix, "dev", BRIDGE])?;
+        }
     }
-    for address in plan
-        .control_addresses
-        .iter()
-        .filter(|address| !current.contains(address))
-    {
-        ip(&[
-            "-n",
-            CONTROL_NETNS,
-            "addr",
-            "add",
-            &format!("{address}/{PREFIX_LENGTH}"),
-            "dev",
-            BRIDGE,
-        ])?;
+    for address in &plan.control_addresses {
+        if !current.contains(address) {
+            let prefix = format!("{address}/{PREFIX_LENGTH}");
+            ip_in(CONTROL_NETNS, &["addr", "add", &prefix, "dev", BRIDGE])?;
+        }
     }
 
-    in_network_namespace(CONTROL_NETNS, || {
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")
-    })?
-    .map_err(LabError::io(
-        "write",
-        "/proc/sys/net/ipv4/ip_forward in the control namespace",
-    ))
+    let forwarding = "/proc/sys/net/ipv4/ip_forward";
+    in_network_namespace(CONTROL_NETNS, move || std::fs::write(forwarding, "1\n"))?
+        .map_err(LabError::io("write (in the control namespace)", forwarding))
 }
 
 /// Creates a host's namespace and veth pair when missing, and sets its address and route.
@@ -261,9 +258,7 @@ pub(crate) fn ensure_host_network(host: &HostNetwork) -> Result<(), LabError> {
 
     if !link_exists(CONTROL_NETNS, &host.control_veth)? {
         // A veth pair dies with either end, so a missing control end means no host end either.
-        ip(&[
-            "-n",
-            CONTROL_NETNS,
+        let add_pair = [
             "link",
             "add",
             &host.control_veth,
@@ -272,44 +267,38 @@ pub(crate) fn ensure_host_network(host: &HostNetwork) -> Result<(), LabError> {
             "peer",
             "name",
             HOST_INTERFACE,
+            "address",
+            &host.mac,
             "netns",
             &host.netns,
-        ])?;
+        ];
+        ip_in(CONTROL_NETNS, &add_pair)?;
     }
-    ip(&[
-        "-n",
+    ip_in(
         CONTROL_NETNS,
-        "link",
-        "set",
-        &host.control_veth,
-        "master",
-        BRIDGE,
-    ])?;
-    ip(&["-n", CONTROL_NETNS, "link", "set", &host.control_veth, "up"])?;
+        &["link", "set", &host.control_veth, "master", BRIDGE],
+    )?;
+    ip_in(CONTROL_NETNS, &["link", "set", &host.control_veth, "up"])?;
 
     let address = format!("{}/{PREFIX_LENGTH}", host.address);
-    ip(&[
-        "-n",
+    let gateway = host.gateway.to_string();
+    ip_in(
         &host.netns,
-        "addr",
-        "replace",
-        &address,
-        "dev",
-        HOST_INTERFACE,
-    ])?;
-    ip(&["-n", &host.netns, "link", "set", HOST_INTERFACE, "up"])?;
-    ip(&[
-        "-n",
+        &["addr", "replace", &address, "dev", HOST_INTERFACE],
+    )?;
+    ip_in(&host.netns, &["link", "set", HOST_INTERFACE, "up"])?;
+    ip_in(
         &host.netns,
-        "route",
-        "replace",
-        "default",
-        "via",
-        &host.gateway.to_string(),
-        "dev",
-        HOST_INTERFACE,
-    ])?;
-    Ok(())
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &gateway,
+            "dev",
+            HOST_INTERFACE,
+        ],
+    )
 }
 
 /// Deletes a named network namespace, which also deletes the interfaces in it and their veth
@@ -325,7 +314,7 @@ fn ensure_netns(netns: &str) -> Result<(), LabError> {
     if !netns_exists(netns) {
         ip(&["netns", "add", netns])?;
     }
-    ip(&["-n", netns, "link", "set", "lo", "up"])
+    ip_in(netns, &["link", "set", "lo", "up"])
 }
 
 fn link_exists(netns: &str, link: &str) -> Result<bool, LabError> {
@@ -363,6 +352,13 @@ fn parse_ipv4_addresses(json: &str) -> Vec<Ipv4Addr> {
         .filter(|info| info.family == "inet")
         .filter_map(|info| info.local.parse().ok())
         .collect()
+}
+
+/// Runs `ip -n NETNS ARGS...`.
+fn ip_in(netns: &str, args: &[&str]) -> Result<(), LabError> {
+    let mut command = Command::new("ip");
+    command.args(["-n", netns]).args(args);
+    system::run(&mut command, IP_TIMEOUT).map(drop)
 }
 
 fn ip(args: &[&str]) -> Result<(), LabError> {
@@ -520,6 +516,18 @@ mod tests {
         assert_eq!(long.len(), MAX_INTERFACE_NAME);
         assert!(long.starts_with("vh-worker-"), "{long}");
         assert_ne!(long, control_veth_name("worker-number-thirteen"));
+    }
+
+    #[test]
+    fn mac_address_from_ipv4() {
+        assert_eq!(
+            host_mac_address(Ipv4Addr::new(192, 168, 120, 45)),
+            "02:00:c0:a8:78:2d"
+        );
+        assert_eq!(
+            host_mac_address(Ipv4Addr::new(10, 0, 0, 1)),
+            "02:00:0a:00:00:01"
+        );
     }
 
     #[test]
