@@ -82,7 +82,9 @@ impl Config {
     ///
     /// Returns every problem found. An optional variable set to the empty string counts
     /// as not set, as an env file line `NAME=` usually means "use the default".
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, Vec<ConfigProblem>> {
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
 
         let database_url = required(&lookup, "DATABASE_URL", DATABASE_URL_FORMAT, &mut problems);
@@ -313,9 +315,7 @@ fn check_worker_name(name: &str) -> Vec<ConfigProblem> {
     }
     vec![ConfigProblem {
         variable: "WORKER_NAME",
-        message: format!(
-            "must be at most 64 letters, digits, '.', '_' or '-', got {name:?}"
-        ),
+        message: format!("must be at most 64 letters, digits, '.', '_' or '-', got {name:?}"),
     }]
 }
 
@@ -387,7 +387,10 @@ mod tests {
     fn empty_environment_reports_both_urls() {
         let problems = config_from(&[]).unwrap_err();
 
-        assert_eq!(problem_variables(&problems), vec!["DATABASE_URL", "REDIS_URL"]);
+        assert_eq!(
+            problem_variables(&problems),
+            vec!["DATABASE_URL", "REDIS_URL"]
+        );
         assert!(problems[0].message.contains("is not set"));
         assert!(problems[0].message.contains("postgres://"));
         assert!(problems[1].message.contains("redis://"));
@@ -459,7 +462,9 @@ mod tests {
 
         assert_eq!(problems.len(), 1);
         assert!(problems[0].message.contains("no database name"));
-        assert!(problems[0].message.contains("postgres://u:***@127.0.0.1:5432"));
+        assert!(problems[0]
+            .message
+            .contains("postgres://u:***@127.0.0.1:5432"));
     }
 
     #[test]

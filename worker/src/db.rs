@@ -46,7 +46,9 @@ pub enum MigrationError {
 
 /// Connection settings parsed from `DATABASE_URL`, with a connect timeout added when the
 /// URL sets none.
-pub fn connection_config(database_url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+pub fn connection_config(
+    database_url: &str,
+) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::from_str(database_url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -62,7 +64,10 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_po
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            warn!("PostgreSQL connection closed: {}", crate::error_chain(&error));
+            warn!(
+                "PostgreSQL connection closed: {}",
+                crate::error_chain(&error)
+            );
         }
     });
     Ok(client)
@@ -100,7 +105,10 @@ pub async fn apply_migrations(client: &mut Client) -> Result<(), MigrationError>
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
         .await
     {
-        warn!("Releasing the migration lock failed: {}", crate::error_chain(&error));
+        warn!(
+            "Releasing the migration lock failed: {}",
+            crate::error_chain(&error)
+        );
     }
     result
 }
@@ -153,7 +161,10 @@ async fn apply_pending_migrations(client: &mut Client) -> Result<(), MigrationEr
         };
 
         let transaction = client.transaction().await.map_err(apply_error)?;
-        transaction.batch_execute(migration.sql).await.map_err(apply_error)?;
+        transaction
+            .batch_execute(migration.sql)
+            .await
+            .map_err(apply_error)?;
         transaction
             .execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
@@ -202,7 +213,8 @@ mod tests {
 
     #[test]
     fn connection_config_keeps_url_timeout() {
-        let config = connection_config("postgres://u:p@127.0.0.1:5432/db?connect_timeout=3").unwrap();
+        let config =
+            connection_config("postgres://u:p@127.0.0.1:5432/db?connect_timeout=3").unwrap();
         assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
     }
 }

@@ -53,7 +53,11 @@ pub struct JobContext<'a> {
 
 /// Runs the handler for the job's type.
 pub async fn handle(job: &Job, context: JobContext<'_>) -> Result<Outcome, JobError> {
-    let JobContext { database, mut redis, keys } = context;
+    let JobContext {
+        database,
+        mut redis,
+        keys,
+    } = context;
     let instance = keys.instance();
 
     match &job.request {

@@ -14,7 +14,13 @@ pub const CACHE_WARM: &str = "cache:warm";
 pub const VERIFY_PROBE: &str = "verify:probe";
 
 /// Job types this worker processes.
-pub const JOB_TYPES: [&str; 5] = [ORDER_PROCESS, EMAIL_SEND, WEBHOOK_PROCESS, CACHE_WARM, VERIFY_PROBE];
+pub const JOB_TYPES: [&str; 5] = [
+    ORDER_PROCESS,
+    EMAIL_SEND,
+    WEBHOOK_PROCESS,
+    CACHE_WARM,
+    VERIFY_PROBE,
+];
 
 /// Longest accepted job id. The id becomes part of Redis keys and a primary key.
 pub const MAX_JOB_ID_LEN: usize = 200;
@@ -99,7 +105,9 @@ impl CacheEntry {
     }
 
     fn from_name(name: &str) -> Option<CacheEntry> {
-        CacheEntry::ALL.into_iter().find(|entry| entry.name() == name)
+        CacheEntry::ALL
+            .into_iter()
+            .find(|entry| entry.name() == name)
     }
 }
 
@@ -124,11 +132,19 @@ pub fn parse_job(raw: &str) -> Result<Job, Rejection> {
     let document = match serde_json::from_str::<Value>(raw) {
         Ok(Value::Object(document)) => document,
         Ok(_) => return Err(reject(None, None, "job is not a JSON object".to_string())),
-        Err(error) => return Err(reject(None, None, format!("job is not valid JSON: {error}"))),
+        Err(error) => {
+            return Err(reject(
+                None,
+                None,
+                format!("job is not valid JSON: {error}"),
+            ))
+        }
     };
 
     let id = match document.get("id") {
-        Some(Value::String(id)) if !id.trim().is_empty() && id.len() <= MAX_JOB_ID_LEN => id.clone(),
+        Some(Value::String(id)) if !id.trim().is_empty() && id.len() <= MAX_JOB_ID_LEN => {
+            id.clone()
+        }
         Some(Value::String(id)) if id.len() > MAX_JOB_ID_LEN => {
             return Err(reject(
                 None,
@@ -144,8 +160,20 @@ pub fn parse_job(raw: &str) -> Result<Job, Rejection> {
 
     let job_type = match document.get("type") {
         Some(Value::String(job_type)) => job_type.as_str(),
-        Some(_) => return Err(reject(Some(&id), None, "job type is not a string".to_string())),
-        None => return Err(reject(Some(&id), None, "job has no \"type\" field".to_string())),
+        Some(_) => {
+            return Err(reject(
+                Some(&id),
+                None,
+                "job type is not a string".to_string(),
+            ))
+        }
+        None => {
+            return Err(reject(
+                Some(&id),
+                None,
+                "job has no \"type\" field".to_string(),
+            ))
+        }
     };
 
     let empty = Map::new();
@@ -223,7 +251,9 @@ fn parse_email(data: &Map<String, Value>) -> Result<Email, String> {
         ));
     }
     if body.len() > MAX_EMAIL_BODY_BYTES {
-        return Err(format!("data.body is larger than {MAX_EMAIL_BODY_BYTES} bytes"));
+        return Err(format!(
+            "data.body is larger than {MAX_EMAIL_BODY_BYTES} bytes"
+        ));
     }
 
     Ok(Email { to, subject, body })
@@ -232,7 +262,11 @@ fn parse_email(data: &Map<String, Value>) -> Result<Email, String> {
 /// Checks the shape of an address (one '@', a local part, a dotted domain, no spaces or
 /// header punctuation). Whether the mailbox exists is only known once a relay tries it.
 fn check_email_address(address: &str) -> Result<(), String> {
-    let invalid = |why: &str| Err(format!("data.to {address:?} is not a valid e-mail address: {why}"));
+    let invalid = |why: &str| {
+        Err(format!(
+            "data.to {address:?} is not a valid e-mail address: {why}"
+        ))
+    };
 
     if address.len() > MAX_EMAIL_ADDRESS_LEN {
         return invalid("too long");
@@ -268,7 +302,11 @@ fn parse_webhook(data: &Map<String, Value>) -> JobRequest {
 
 fn parse_cache_warm(data: &Map<String, Value>) -> Result<JobRequest, String> {
     let names = match data.get("keys") {
-        None | Some(Value::Null) => return Ok(JobRequest::CacheWarm { entries: CacheEntry::ALL.to_vec() }),
+        None | Some(Value::Null) => {
+            return Ok(JobRequest::CacheWarm {
+                entries: CacheEntry::ALL.to_vec(),
+            })
+        }
         Some(Value::Array(names)) => names,
         Some(_) => return Err("data.keys is not a list of cache names".to_string()),
     };
@@ -287,7 +325,10 @@ fn parse_cache_warm(data: &Map<String, Value>) -> Result<JobRequest, String> {
             return Err("data.keys is not a list of cache names".to_string());
         };
         let Some(entry) = CacheEntry::from_name(name) else {
-            return Err(format!("unknown cache name {name:?} in data.keys: expected {}", known()));
+            return Err(format!(
+                "unknown cache name {name:?} in data.keys: expected {}",
+                known()
+            ));
         };
         if !entries.contains(&entry) {
             entries.push(entry);
@@ -295,7 +336,10 @@ fn parse_cache_warm(data: &Map<String, Value>) -> Result<JobRequest, String> {
     }
 
     if entries.is_empty() {
-        return Err(format!("data.keys is empty: list cache names from {} or omit it", known()));
+        return Err(format!(
+            "data.keys is empty: list cache names from {} or omit it",
+            known()
+        ));
     }
     Ok(JobRequest::CacheWarm { entries })
 }
@@ -325,7 +369,9 @@ mod tests {
         assert_eq!(job.attempts, 0);
         assert_eq!(
             job.request,
-            JobRequest::OrderProcess { order_id: "test-order-123".to_string() }
+            JobRequest::OrderProcess {
+                order_id: "test-order-123".to_string()
+            }
         );
         assert_eq!(job.request.job_type(), "order:process");
         assert_eq!(job.document["createdAt"], "2025-01-01T00:00:00.000Z");
@@ -336,7 +382,12 @@ mod tests {
         let job = parse(r#"{"id":42,"type":"order:process","data":{"orderId":7}}"#);
 
         assert_eq!(job.id, "42");
-        assert_eq!(job.request, JobRequest::OrderProcess { order_id: "7".to_string() });
+        assert_eq!(
+            job.request,
+            JobRequest::OrderProcess {
+                order_id: "7".to_string()
+            }
+        );
     }
 
     #[test]
@@ -360,16 +411,33 @@ mod tests {
         let cases = [
             (r#"{"subject":"s","body":"b"}"#, "data.to is missing"),
             (r#"{"to":"nobody","subject":"s","body":"b"}"#, "no '@'"),
-            (r#"{"to":"a@b@example.com","subject":"s","body":"b"}"#, "exactly one '@'"),
+            (
+                r#"{"to":"a@b@example.com","subject":"s","body":"b"}"#,
+                "exactly one '@'",
+            ),
             (r#"{"to":"a@localhost","subject":"s","body":"b"}"#, "domain"),
-            (r#"{"to":"a b@example.com","subject":"s","body":"b"}"#, "spaces"),
-            (r#"{"to":"a@example.com","subject":"","body":"b"}"#, "subject is empty"),
-            (r#"{"to":"a@example.com","subject":"x\r\nBcc: c@d.e","body":"b"}"#, "line break"),
-            (r#"{"to":"a@example.com","subject":"s","body":5}"#, "data.body is not a string"),
+            (
+                r#"{"to":"a b@example.com","subject":"s","body":"b"}"#,
+                "spaces",
+            ),
+            (
+                r#"{"to":"a@example.com","subject":"","body":"b"}"#,
+                "subject is empty",
+            ),
+            (
+                r#"{"to":"a@example.com","subject":"x\r\nBcc: c@d.e","body":"b"}"#,
+                "line break",
+            ),
+            (
+                r#"{"to":"a@example.com","subject":"s","body":5}"#,
+                "data.body is not a string",
+            ),
         ];
 
         for (data, expected) in cases {
-            let rejection = reject(&format!(r#"{{"id":"e1","type":"email:send","data":{data}}}"#));
+            let rejection = reject(&format!(
+                r#"{{"id":"e1","type":"email:send","data":{data}}}"#
+            ));
             assert!(
                 rejection.reason.contains(expected),
                 "data {data}: reason {:?} does not mention {expected:?}",
@@ -396,19 +464,33 @@ mod tests {
     #[test]
     fn cache_warm_without_keys_warms_every_entry() {
         let job = parse(r#"{"id":"c1","type":"cache:warm","data":{}}"#);
-        assert_eq!(job.request, JobRequest::CacheWarm { entries: CacheEntry::ALL.to_vec() });
+        assert_eq!(
+            job.request,
+            JobRequest::CacheWarm {
+                entries: CacheEntry::ALL.to_vec()
+            }
+        );
     }
 
     #[test]
     fn cache_warm_with_keys_selects_entries() {
-        let job = parse(r#"{"id":"c1","type":"cache:warm","data":{"keys":["orders:summary","orders:summary"]}}"#);
-        assert_eq!(job.request, JobRequest::CacheWarm { entries: vec![CacheEntry::OrderSummary] });
+        let job = parse(
+            r#"{"id":"c1","type":"cache:warm","data":{"keys":["orders:summary","orders:summary"]}}"#,
+        );
+        assert_eq!(
+            job.request,
+            JobRequest::CacheWarm {
+                entries: vec![CacheEntry::OrderSummary]
+            }
+        );
     }
 
     #[test]
     fn cache_warm_with_unknown_key_is_rejected() {
         let rejection = reject(r#"{"id":"c1","type":"cache:warm","data":{"keys":["users:all"]}}"#);
-        assert!(rejection.reason.contains("unknown cache name \"users:all\""));
+        assert!(rejection
+            .reason
+            .contains("unknown cache name \"users:all\""));
         assert!(rejection.reason.contains("orders:status_counts"));
     }
 
@@ -437,14 +519,22 @@ mod tests {
 
         assert_eq!(rejection.job_id.as_deref(), Some("u1"));
         assert_eq!(rejection.job_type.as_deref(), Some("report:build"));
-        assert!(rejection.reason.starts_with("unknown job type \"report:build\""));
+        assert!(rejection
+            .reason
+            .starts_with("unknown job type \"report:build\""));
         assert!(rejection.reason.contains("verify:probe"));
     }
 
     #[test]
     fn missing_fields_are_rejected() {
-        assert_eq!(reject(r#"{"type":"verify:probe"}"#).reason, "job has no \"id\" field");
-        assert_eq!(reject(r#"{"id":"","type":"verify:probe"}"#).reason, "job id is empty");
+        assert_eq!(
+            reject(r#"{"type":"verify:probe"}"#).reason,
+            "job has no \"id\" field"
+        );
+        assert_eq!(
+            reject(r#"{"id":"","type":"verify:probe"}"#).reason,
+            "job id is empty"
+        );
         assert_eq!(reject(r#"{"id":"x"}"#).reason, "job has no \"type\" field");
         assert_eq!(
             reject(r#"{"id":"x","type":"order:process","data":{}}"#).reason,
@@ -458,7 +548,10 @@ mod tests {
 
     #[test]
     fn overlong_id_is_rejected() {
-        let raw = format!(r#"{{"id":"{}","type":"verify:probe"}}"#, "a".repeat(MAX_JOB_ID_LEN + 1));
+        let raw = format!(
+            r#"{{"id":"{}","type":"verify:probe"}}"#,
+            "a".repeat(MAX_JOB_ID_LEN + 1)
+        );
         assert!(reject(&raw).reason.contains("longer than 200 bytes"));
     }
 

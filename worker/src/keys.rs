@@ -120,12 +120,21 @@ mod tests {
     fn keys_are_named_after_queue() {
         let keys = keys();
 
-        assert_eq!(keys.own_inflight(), "yametee:jobs:inflight:yametee-worker@worker-1");
-        assert_eq!(keys.own_heartbeat(), "yametee:jobs:worker:yametee-worker@worker-1");
+        assert_eq!(
+            keys.own_inflight(),
+            "yametee:jobs:inflight:yametee-worker@worker-1"
+        );
+        assert_eq!(
+            keys.own_heartbeat(),
+            "yametee:jobs:worker:yametee-worker@worker-1"
+        );
         assert_eq!(keys.retry(), "yametee:jobs:retry");
         assert_eq!(keys.dead(), "yametee:jobs:dead");
         assert_eq!(keys.done_marker("j1"), "yametee:jobs:done:j1");
-        assert_eq!(keys.cache("orders:status_counts"), "yametee:jobs:cache:orders:status_counts");
+        assert_eq!(
+            keys.cache("orders:status_counts"),
+            "yametee:jobs:cache:orders:status_counts"
+        );
     }
 
     #[test]

@@ -54,7 +54,10 @@ mod tests {
     #[test]
     fn error_chain_joins_sources() {
         let error = Outer(std::io::Error::other("refused\nDETAIL: port closed"));
-        assert_eq!(error_chain(&error), "connecting failed: refused; DETAIL: port closed");
+        assert_eq!(
+            error_chain(&error),
+            "connecting failed: refused; DETAIL: port closed"
+        );
     }
 
     #[test]

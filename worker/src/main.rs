@@ -23,7 +23,10 @@ fn main() -> ExitCode {
 
     // One thread is enough: every job waits on the network, and a single-threaded
     // runtime keeps the resident memory small.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             error!("Starting the async runtime failed: {error}");

@@ -200,12 +200,20 @@ impl Queue {
 
     /// Removes a finished job from this instance's in-flight list.
     pub async fn complete(&mut self, raw: &str) -> RedisResult<Removal> {
-        let removed: i64 = self.connection.lrem(self.keys.own_inflight(), 1, raw).await?;
+        let removed: i64 = self
+            .connection
+            .lrem(self.keys.own_inflight(), 1, raw)
+            .await?;
         Ok(removal(removed))
     }
 
     /// Moves a failed job from the in-flight list to the retry set, due at `due_unix_ms`.
-    pub async fn schedule_retry(&mut self, raw: &str, document: &str, due_unix_ms: i64) -> RedisResult<Removal> {
+    pub async fn schedule_retry(
+        &mut self,
+        raw: &str,
+        document: &str,
+        due_unix_ms: i64,
+    ) -> RedisResult<Removal> {
         let moved: i64 = SCHEDULE_RETRY_SCRIPT
             .key(self.keys.own_inflight())
             .key(self.keys.retry())
@@ -271,8 +279,14 @@ impl Queue {
     ///
     /// After a failed `BLMOVE` the server may have moved a job whose reply was lost; this
     /// finds such jobs. The caller must not fetch while this runs.
-    pub async fn return_unclaimed(&mut self, running: &HashMap<String, usize>) -> RedisResult<usize> {
-        let inflight: Vec<String> = self.connection.lrange(self.keys.own_inflight(), 0, -1).await?;
+    pub async fn return_unclaimed(
+        &mut self,
+        running: &HashMap<String, usize>,
+    ) -> RedisResult<usize> {
+        let inflight: Vec<String> = self
+            .connection
+            .lrange(self.keys.own_inflight(), 0, -1)
+            .await?;
 
         let mut moved = 0;
         let mut seen: HashMap<&str, usize> = HashMap::new();

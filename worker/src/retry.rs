@@ -73,7 +73,9 @@ mod tests {
 
     #[test]
     fn backoff_doubles_from_ten_seconds() {
-        let delays: Vec<u64> = (1..=5).map(|attempt| backoff_delay(attempt).as_secs()).collect();
+        let delays: Vec<u64> = (1..=5)
+            .map(|attempt| backoff_delay(attempt).as_secs())
+            .collect();
         assert_eq!(delays, vec![10, 20, 40, 80, 160]);
     }
 
@@ -93,14 +95,23 @@ mod tests {
     fn failures_retry_until_attempt_limit() {
         assert_eq!(
             on_failure(0),
-            FailureAction::Retry { attempts: 1, delay: Duration::from_secs(10) }
+            FailureAction::Retry {
+                attempts: 1,
+                delay: Duration::from_secs(10)
+            }
         );
         assert_eq!(
             on_failure(3),
-            FailureAction::Retry { attempts: 4, delay: Duration::from_secs(80) }
+            FailureAction::Retry {
+                attempts: 4,
+                delay: Duration::from_secs(80)
+            }
         );
         assert_eq!(on_failure(4), FailureAction::DeadLetter { attempts: 5 });
-        assert_eq!(on_failure(u32::MAX), FailureAction::DeadLetter { attempts: u32::MAX });
+        assert_eq!(
+            on_failure(u32::MAX),
+            FailureAction::DeadLetter { attempts: u32::MAX }
+        );
     }
 
     #[test]
@@ -110,7 +121,8 @@ mod tests {
         )
         .unwrap();
 
-        let retried: Value = serde_json::from_str(&retry_document(&document, 2, "db down")).unwrap();
+        let retried: Value =
+            serde_json::from_str(&retry_document(&document, 2, "db down")).unwrap();
 
         assert_eq!(retried["id"], "j1");
         assert_eq!(retried["data"]["to"], "a@b.c");

@@ -83,7 +83,10 @@ impl Shared {
     }
 
     fn running_snapshot(&self) -> HashMap<String, usize> {
-        self.running.lock().expect("running jobs lock poisoned").clone()
+        self.running
+            .lock()
+            .expect("running jobs lock poisoned")
+            .clone()
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -96,38 +99,19 @@ impl Shared {
 /// Returns `Ok` after a graceful shutdown, and an error when start-up fails or Redis
 /// stays unreachable.
 pub async fn run(config: Config) -> Result<(), WorkerError> {
-    let secrets = config.secrets();
-    let scrub = |text: String| scrub_secrets(&text, &secrets);
-    let mut shutdown = listen_for_signals().map_err(|error| WorkerError::Signals(error.to_string()))?;
-
-    let database_config = db::connection_config(&config.database_url)
-        .map_err(|error| WorkerError::DatabaseConnection(scrub(error_chain(&error))))?;
-    let mut first_client = connect_database(&database_config)
-        .await
-        .map_err(|reason| WorkerError::DatabaseConnection(scrub(reason)))?;
-    info!("Database connection successful");
-
-    db::apply_migrations(&mut first_client)
-        .await
-        .map_err(|error| WorkerError::DatabaseMigration(scrub(error_chain(&error))))?;
-
-    let redis_failed = |error: redis::RedisError| WorkerError::RedisConnection(scrub(error_chain(&error)));
-    let mut commands = queue::connect(&config.redis_url, queue::COMMAND_RESPONSE_TIMEOUT)
-        .await
-        .map_err(redis_failed)?;
-    queue::check_server(&mut commands)
-        .await
-        .map_err(|reason| WorkerError::RedisConnection(scrub(reason)))?;
-    let blocking = queue::connect(&config.redis_url, queue::FETCH_RESPONSE_TIMEOUT)
-        .await
-        .map_err(redis_failed)?;
-    info!("Redis connection successful");
+    let mut shutdown =
+        listen_for_signals().map_err(|error| WorkerError::Signals(error.to_string()))?;
+    let connections = connect(&config).await?;
 
     let instance = instance_name(&config.worker_name, &host_name());
     let keys = QueueKeys::new(&config.queue, &instance);
-    let mut queue = Queue::new(commands, keys.clone());
+    let mut queue = Queue::new(connections.commands, keys.clone());
     let heartbeat = heartbeat_value(&config);
-    prepare_queue(&mut queue, &heartbeat).await.map_err(redis_failed)?;
+    prepare_queue(&mut queue, &heartbeat)
+        .await
+        .map_err(|error| {
+            WorkerError::RedisConnection(scrub_secrets(&error_chain(&error), &config.secrets()))
+        })?;
     info!(
         instance = %instance,
         queue = %config.queue,
@@ -143,19 +127,24 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
         running: Mutex::new(HashMap::new()),
         secrets: config.secrets(),
     });
-    let mut slots: Vec<DatabaseSlot> = (0..config.concurrency)
-        .map(|_| DatabaseSlot::new(database_config.clone(), None))
-        .collect();
-    slots[0] = DatabaseSlot::new(database_config.clone(), Some(first_client));
+    let database_config = connections.database_config;
+    let mut slots = vec![DatabaseSlot::new(
+        database_config.clone(),
+        Some(connections.first_database_client),
+    )];
+    slots.extend((1..config.concurrency).map(|_| DatabaseSlot::new(database_config.clone(), None)));
 
     if !*shutdown.borrow() {
         info!("Worker {} ready and waiting for jobs", config.worker_name);
-        notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("Waiting for jobs")]);
+        notify_systemd(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("Waiting for jobs"),
+        ]);
     }
 
     let mut tasks = JoinSet::new();
     let fetched = fetch_jobs(
-        Fetcher::new(blocking, keys),
+        Fetcher::new(connections.blocking, keys),
         &shared,
         slots,
         &database_config,
@@ -164,12 +153,21 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
     )
     .await;
 
-    notify_systemd(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("Draining jobs")]);
+    notify_systemd(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("Draining jobs"),
+    ]);
     drain(&mut tasks, config.drain_timeout).await;
 
     let _ = stop_maintenance.send(true);
-    if timeout(MAINTENANCE_STOP_TIMEOUT, maintenance).await.is_err() {
-        warn!("Maintenance task did not stop within {} s", MAINTENANCE_STOP_TIMEOUT.as_secs());
+    if timeout(MAINTENANCE_STOP_TIMEOUT, maintenance)
+        .await
+        .is_err()
+    {
+        warn!(
+            "Maintenance task did not stop within {} s",
+            MAINTENANCE_STOP_TIMEOUT.as_secs()
+        );
     }
     release_queue(&mut queue, &shared).await;
 
@@ -177,9 +175,61 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
     fetched
 }
 
+/// Open connections after start-up checks.
+struct Connections {
+    database_config: tokio_postgres::Config,
+    first_database_client: tokio_postgres::Client,
+    /// Redis connection for every command except the blocking fetch.
+    commands: redis::aio::ConnectionManager,
+    /// Redis connection reserved for `BLMOVE`.
+    blocking: redis::aio::ConnectionManager,
+}
+
+/// Connects to PostgreSQL, applies the migrations and connects to Redis, logging the
+/// "Database connection successful" and "Redis connection successful" lines.
+async fn connect(config: &Config) -> Result<Connections, WorkerError> {
+    let secrets = config.secrets();
+    let scrub = |text: String| scrub_secrets(&text, &secrets);
+
+    let database_config = db::connection_config(&config.database_url)
+        .map_err(|error| WorkerError::DatabaseConnection(scrub(error_chain(&error))))?;
+    let mut first_database_client = connect_database(&database_config)
+        .await
+        .map_err(|reason| WorkerError::DatabaseConnection(scrub(reason)))?;
+    info!("Database connection successful");
+
+    db::apply_migrations(&mut first_database_client)
+        .await
+        .map_err(|error| WorkerError::DatabaseMigration(scrub(error_chain(&error))))?;
+
+    let redis_failed =
+        |error: redis::RedisError| WorkerError::RedisConnection(scrub(error_chain(&error)));
+    let mut commands = queue::connect(&config.redis_url, queue::COMMAND_RESPONSE_TIMEOUT)
+        .await
+        .map_err(redis_failed)?;
+    queue::check_server(&mut commands)
+        .await
+        .map_err(|reason| WorkerError::RedisConnection(scrub(reason)))?;
+    let blocking = queue::connect(&config.redis_url, queue::FETCH_RESPONSE_TIMEOUT)
+        .await
+        .map_err(redis_failed)?;
+    info!("Redis connection successful");
+
+    Ok(Connections {
+        database_config,
+        first_database_client,
+        commands,
+        blocking,
+    })
+}
+
 /// Opens the first PostgreSQL connection and checks it with `SELECT 1`.
-async fn connect_database(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, String> {
-    let client = db::connect(config).await.map_err(|error| error_chain(&error))?;
+async fn connect_database(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, String> {
+    let client = db::connect(config)
+        .await
+        .map_err(|error| error_chain(&error))?;
     client
         .simple_query("SELECT 1")
         .await
@@ -245,7 +295,10 @@ async fn fetch_jobs(
                         warn!("Returned {returned} job(s) whose fetch reply was lost to the queue");
                     }
                 }
-                Err(error) => debug!("Checking the in-flight list failed: {}", shared.scrub(&error_chain(&error))),
+                Err(error) => debug!(
+                    "Checking the in-flight list failed: {}",
+                    shared.scrub(&error_chain(&error))
+                ),
             }
         }
 
@@ -296,10 +349,15 @@ fn log_fetch_recovery(failures: &mut u32) {
 
 /// Returns the slot of a finished job task, or a fresh one when the task panicked or was
 /// aborted and took its slot with it.
-fn recover_slot(finished: Result<DatabaseSlot, JoinError>, database_config: &tokio_postgres::Config) -> DatabaseSlot {
+fn recover_slot(
+    finished: Result<DatabaseSlot, JoinError>,
+    database_config: &tokio_postgres::Config,
+) -> DatabaseSlot {
     finished.unwrap_or_else(|error| {
         if error.is_panic() {
-            error!("A job task panicked; its job stays in flight until the next restart returns it");
+            error!(
+                "A job task panicked; its job stays in flight until the next restart returns it"
+            );
         }
         DatabaseSlot::new(database_config.clone(), None)
     })
@@ -345,13 +403,21 @@ async fn run_job(raw: String, mut slot: DatabaseSlot, shared: Arc<Shared>) -> Da
     slot
 }
 
-async fn finish_job(shared: &Shared, raw: &str, job: &Job, result: Result<Outcome, JobError>, started: Instant) {
+async fn finish_job(
+    shared: &Shared,
+    raw: &str,
+    job: &Job,
+    result: Result<Outcome, JobError>,
+    started: Instant,
+) {
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
     let error = match result {
         Ok(outcome) => {
             match outcome {
-                Outcome::Done => info!(job_id = %job.id, elapsed_ms, "Job {} completed in {elapsed_ms} ms", job.id),
+                Outcome::Done => {
+                    info!(job_id = %job.id, elapsed_ms, "Job {} completed in {elapsed_ms} ms", job.id)
+                }
                 Outcome::AlreadyProcessed => info!(
                     job_id = %job.id,
                     "Job {} was already processed; nothing applied again", job.id
@@ -378,7 +444,8 @@ async fn finish_job(shared: &Shared, raw: &str, job: &Job, result: Result<Outcom
                 delay.as_secs()
             );
             let document = retry::retry_document(&job.document, attempts, &error);
-            let due = crate::unix_millis() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+            let due =
+                crate::unix_millis() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
             remove_from_inflight(shared, &job.id, "scheduling the retry of", |mut queue| {
                 let (raw, document) = (raw.to_string(), document.clone());
                 async move { queue.schedule_retry(&raw, &document, due).await }
@@ -398,7 +465,12 @@ async fn finish_job(shared: &Shared, raw: &str, job: &Job, result: Result<Outcom
 }
 
 async fn dead_letter(shared: &Shared, raw: &str, job_id: &str, reason: &str) {
-    let envelope = retry::dead_letter_envelope(raw, reason, &crate::now_rfc3339(), shared.queue.keys().instance());
+    let envelope = retry::dead_letter_envelope(
+        raw,
+        reason,
+        &crate::now_rfc3339(),
+        shared.queue.keys().instance(),
+    );
     remove_from_inflight(shared, job_id, "dead-lettering", |mut queue| {
         let (raw, envelope) = (raw.to_string(), envelope.clone());
         async move { queue.dead_letter(&raw, &envelope).await }
@@ -492,7 +564,10 @@ async fn release_queue(queue: &mut Queue, shared: &Shared) {
     }
 
     if let Err(error) = queue.clear_heartbeat().await {
-        warn!("Deleting the heartbeat key failed: {}", shared.scrub(&error_chain(&error)));
+        warn!(
+            "Deleting the heartbeat key failed: {}",
+            shared.scrub(&error_chain(&error))
+        );
     }
 }
 
@@ -557,13 +632,19 @@ struct FailureLog {
 
 impl FailureLog {
     fn new(action: &'static str) -> FailureLog {
-        FailureLog { action, consecutive: 0 }
+        FailureLog {
+            action,
+            consecutive: 0,
+        }
     }
 
     fn record<T>(&mut self, result: redis::RedisResult<T>) {
         match result {
             Ok(_) if self.consecutive > 0 => {
-                info!("{} works again after {} failure(s)", self.action, self.consecutive);
+                info!(
+                    "{} works again after {} failure(s)",
+                    self.action, self.consecutive
+                );
                 self.consecutive = 0;
             }
             Ok(_) => {}
@@ -622,7 +703,11 @@ fn host_name() -> String {
         .ok()
         .map(|name| name.trim().to_string())
         .filter(|name| !name.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok().filter(|name| !name.is_empty()))
+        .or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|name| !name.is_empty())
+        })
         .unwrap_or_else(|| {
             warn!("Host name unknown; using \"localhost\" in the instance name");
             "localhost".to_string()
@@ -645,12 +730,17 @@ mod tests {
 
     #[test]
     fn instance_name_joins_worker_and_host() {
-        assert_eq!(instance_name("yametee-worker", "worker-1"), "yametee-worker@worker-1");
+        assert_eq!(
+            instance_name("yametee-worker", "worker-1"),
+            "yametee-worker@worker-1"
+        );
     }
 
     #[test]
     fn fetch_retry_delay_doubles_up_to_cap() {
-        let delays: Vec<u64> = (1..=5).map(|failures| fetch_retry_delay(failures).as_secs()).collect();
+        let delays: Vec<u64> = (1..=5)
+            .map(|failures| fetch_retry_delay(failures).as_secs())
+            .collect();
         assert_eq!(delays, vec![1, 2, 4, 5, 5]);
         assert_eq!(fetch_retry_delay(u32::MAX), MAX_FETCH_RETRY_DELAY);
     }

@@ -12,8 +12,7 @@ use redis::AsyncCommands;
 use serde_json::Value;
 use support::{
     find_server_programs, free_port, print_skip, wait_until, NotifySocket, PostgresServer,
-    RedisServer,
-    WorkerProcess,
+    RedisServer, WorkerProcess,
 };
 
 /// Maximum wait for any single thing the worker is expected to do.
@@ -49,10 +48,17 @@ async fn start_servers(test: &str) -> Option<Servers> {
     let redis = RedisServer::start(&programs.redis_server, dir.path());
     let postgres = PostgresServer::start(&programs.postgres_bin, dir.path());
     postgres.create_worker_database().await;
-    Some(Servers { redis, postgres, dir })
+    Some(Servers {
+        redis,
+        postgres,
+        dir,
+    })
 }
 
-fn worker_environment(servers: &Servers, overrides: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+fn worker_environment(
+    servers: &Servers,
+    overrides: &[(&'static str, &str)],
+) -> Vec<(&'static str, String)> {
     let mut environment = vec![
         ("DATABASE_URL", servers.postgres.url()),
         ("REDIS_URL", servers.redis.url()),
@@ -80,7 +86,9 @@ fn host_name() -> String {
 }
 
 fn job(id: &str, job_type: &str, data: &str) -> String {
-    format!(r#"{{"id":"{id}","type":"{job_type}","data":{data},"createdAt":"2025-01-01T00:00:00.000Z"}}"#)
+    format!(
+        r#"{{"id":"{id}","type":"{job_type}","data":{data},"createdAt":"2025-01-01T00:00:00.000Z"}}"#
+    )
 }
 
 async fn push(redis: &mut redis::aio::MultiplexedConnection, raw: &str) {
@@ -88,7 +96,10 @@ async fn push(redis: &mut redis::aio::MultiplexedConnection, raw: &str) {
 }
 
 /// Returns the first dead letter envelope for which `matches` is true.
-async fn dead_letter(redis: &mut redis::aio::MultiplexedConnection, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+async fn dead_letter(
+    redis: &mut redis::aio::MultiplexedConnection,
+    matches: impl Fn(&Value) -> bool,
+) -> Option<Value> {
     let entries: Vec<String> = redis.lrange(format!("{QUEUE}:dead"), 0, -1).await.ok()?;
     entries
         .iter()
@@ -103,7 +114,12 @@ fn assert_startup_lines_in_order(worker: &WorkerProcess) {
         let position = output
             .iter()
             .position(|line| line.contains(expected))
-            .unwrap_or_else(|| panic!("startup line {expected:?} missing; output:\n{}", worker.output_text()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "startup line {expected:?} missing; output:\n{}",
+                    worker.output_text()
+                )
+            });
         if let Some((previous_line, previous_position)) = previous {
             assert!(
                 position > previous_position,
@@ -118,19 +134,28 @@ fn assert_startup_lines_in_order(worker: &WorkerProcess) {
 fn assert_no_secret_in_output(worker: &WorkerProcess, secrets: &[&str]) {
     let output = worker.output_text();
     for secret in secrets {
-        assert!(!output.contains(secret), "worker output contains the password {secret:?}:\n{output}");
+        assert!(
+            !output.contains(secret),
+            "worker output contains the password {secret:?}:\n{output}"
+        );
     }
 }
 
 fn assert_plain_text(worker: &WorkerProcess) {
     let output = worker.output_text();
-    assert!(!output.contains('\u{1b}'), "worker output has ANSI escapes when piped:\n{output}");
+    assert!(
+        !output.contains('\u{1b}'),
+        "worker output has ANSI escapes when piped:\n{output}"
+    );
 }
 
 #[tokio::test]
 async fn invalid_environment_lists_every_problem() {
     let mut worker = WorkerProcess::start(&[
-        ("DATABASE_URL", "mysql://app:topsecret@127.0.0.1/app".to_string()),
+        (
+            "DATABASE_URL",
+            "mysql://app:topsecret@127.0.0.1/app".to_string(),
+        ),
         ("WORKER_CONCURRENCY", "0".to_string()),
         ("WORKER_NAME", "bad name".to_string()),
     ]);
@@ -139,12 +164,32 @@ async fn invalid_environment_lists_every_problem() {
     let output = worker.output_text();
 
     assert_eq!(status.code(), Some(1), "output:\n{output}");
-    assert!(output.contains("Invalid environment: DATABASE_URL has scheme \"mysql\""), "{output}");
-    assert!(output.contains("Invalid environment: REDIS_URL is not set"), "{output}");
-    assert!(output.contains("Invalid environment: WORKER_NAME"), "{output}");
-    assert!(output.contains("Invalid environment: WORKER_CONCURRENCY must be a whole number from 1 to 64"), "{output}");
-    assert!(output.contains("Environment validation failed with 4 problem(s)"), "{output}");
-    assert!(!output.contains("Environment validation passed"), "{output}");
+    assert!(
+        output.contains("Invalid environment: DATABASE_URL has scheme \"mysql\""),
+        "{output}"
+    );
+    assert!(
+        output.contains("Invalid environment: REDIS_URL is not set"),
+        "{output}"
+    );
+    assert!(
+        output.contains("Invalid environment: WORKER_NAME"),
+        "{output}"
+    );
+    assert!(
+        output.contains(
+            "Invalid environment: WORKER_CONCURRENCY must be a whole number from 1 to 64"
+        ),
+        "{output}"
+    );
+    assert!(
+        output.contains("Environment validation failed with 4 problem(s)"),
+        "{output}"
+    );
+    assert!(
+        !output.contains("Environment validation passed"),
+        "{output}"
+    );
     assert_no_secret_in_output(&worker, &["topsecret"]);
     assert_plain_text(&worker);
 }
@@ -153,8 +198,14 @@ async fn invalid_environment_lists_every_problem() {
 async fn unreachable_database_fails_startup() {
     let closed_port = free_port();
     let mut worker = WorkerProcess::start(&[
-        ("DATABASE_URL", format!("postgres://yametee_user:dbsecret@127.0.0.1:{closed_port}/yame_tee")),
-        ("REDIS_URL", format!("redis://:redissecret@127.0.0.1:{}/0", free_port())),
+        (
+            "DATABASE_URL",
+            format!("postgres://yametee_user:dbsecret@127.0.0.1:{closed_port}/yame_tee"),
+        ),
+        (
+            "REDIS_URL",
+            format!("redis://:redissecret@127.0.0.1:{}/0", free_port()),
+        ),
     ]);
 
     let status = worker.wait_for_exit(STEP_TIMEOUT).await;
@@ -163,7 +214,10 @@ async fn unreachable_database_fails_startup() {
     assert_ne!(status.code(), Some(0), "output:\n{output}");
     assert!(output.contains("Environment validation passed"), "{output}");
     assert!(output.contains("Database connection failed: "), "{output}");
-    assert!(!output.contains("Database connection successful"), "{output}");
+    assert!(
+        !output.contains("Database connection successful"),
+        "{output}"
+    );
     assert_no_secret_in_output(&worker, &["dbsecret", "redissecret"]);
 }
 
@@ -174,23 +228,42 @@ async fn startup_failures_name_the_failing_server() {
     };
 
     let wrong_password = servers.postgres.url_with_password("wrong-db-secret");
-    let mut worker = WorkerProcess::start(&worker_environment(&servers, &[("DATABASE_URL", &wrong_password)]));
+    let mut worker = WorkerProcess::start(&worker_environment(
+        &servers,
+        &[("DATABASE_URL", &wrong_password)],
+    ));
     let status = worker.wait_for_exit(STEP_TIMEOUT).await;
     let output = worker.output_text();
     assert_ne!(status.code(), Some(0), "output:\n{output}");
     assert!(output.contains("Database connection failed: "), "{output}");
-    assert!(output.contains("password authentication failed"), "{output}");
+    assert!(
+        output.contains("password authentication failed"),
+        "{output}"
+    );
     assert_no_secret_in_output(&worker, &["wrong-db-secret"]);
 
-    let closed_redis = format!("redis://:{}@127.0.0.1:{}/0", servers.redis.password, free_port());
-    let mut worker = WorkerProcess::start(&worker_environment(&servers, &[("REDIS_URL", &closed_redis)]));
+    let closed_redis = format!(
+        "redis://:{}@127.0.0.1:{}/0",
+        servers.redis.password,
+        free_port()
+    );
+    let mut worker = WorkerProcess::start(&worker_environment(
+        &servers,
+        &[("REDIS_URL", &closed_redis)],
+    ));
     let status = worker.wait_for_exit(STEP_TIMEOUT).await;
     let output = worker.output_text();
     assert_ne!(status.code(), Some(0), "output:\n{output}");
-    assert!(output.contains("Database connection successful"), "{output}");
+    assert!(
+        output.contains("Database connection successful"),
+        "{output}"
+    );
     assert!(output.contains("Redis connection failed: "), "{output}");
     assert!(!output.contains("ready and waiting for jobs"), "{output}");
-    assert_no_secret_in_output(&worker, &[&servers.redis.password, support::DATABASE_PASSWORD]);
+    assert_no_secret_in_output(
+        &worker,
+        &[&servers.redis.password, support::DATABASE_PASSWORD],
+    );
 }
 
 #[tokio::test]
@@ -205,19 +278,34 @@ async fn worker_processes_every_job_type() {
     // Left behind by a worker that died: an in-flight job without a heartbeat, and a
     // retry that is already due.
     let ghost_job = job("ghost-probe", "verify:probe", "{}");
-    let _: i64 = redis.rpush(format!("{QUEUE}:inflight:ghost@gone-host"), &ghost_job).await.unwrap();
+    let _: i64 = redis
+        .rpush(format!("{QUEUE}:inflight:ghost@gone-host"), &ghost_job)
+        .await
+        .unwrap();
     let due_retry = r#"{"id":"due-retry-probe","type":"verify:probe","data":{},"attempts":1}"#;
-    let _: i64 = redis.zadd(format!("{QUEUE}:retry"), due_retry, 0).await.unwrap();
+    let _: i64 = redis
+        .zadd(format!("{QUEUE}:retry"), due_retry, 0)
+        .await
+        .unwrap();
 
-    let mut worker = WorkerProcess::start(&worker_environment(&servers, &[("WORKER_CONCURRENCY", "2")]));
+    let mut worker = WorkerProcess::start(&worker_environment(
+        &servers,
+        &[("WORKER_CONCURRENCY", "2")],
+    ));
     worker.wait_for_line(STARTUP_LINES[4], STEP_TIMEOUT).await;
     assert_startup_lines_in_order(&worker);
     let idle_kib = worker.resident_kib();
     eprintln!("worker resident memory when idle: {idle_kib} KiB");
-    assert!(idle_kib < 50 * 1024, "idle worker uses {idle_kib} KiB, more than 50 MiB");
+    assert!(
+        idle_kib < 50 * 1024,
+        "idle worker uses {idle_kib} KiB, more than 50 MiB"
+    );
 
     let migrations: i64 = database
-        .query_one("SELECT count(*) FROM schema_migrations WHERE version = 1", &[])
+        .query_one(
+            "SELECT count(*) FROM schema_migrations WHERE version = 1",
+            &[],
+        )
         .await
         .expect("schema_migrations exists")
         .get(0);
@@ -236,28 +324,78 @@ async fn worker_processes_every_job_type() {
     // Rejected jobs first, so the jobs after them prove that the worker carried on.
     push(&mut redis, "{not json").await;
     push(&mut redis, &job("unknown-1", "report:build", "{}")).await;
-    push(&mut redis, &job("bad-email-1", "email:send", r#"{"to":"nobody","subject":"s","body":"b"}"#)).await;
-
-    let order_job = job("order-job-1", "order:process", r#"{"orderId":"order-pending"}"#);
-    push(&mut redis, &order_job).await;
-    push(&mut redis, &job("test-123", "order:process", r#"{"orderId":"test-order-123"}"#)).await;
-    push(&mut redis, &job("order-job-2", "order:process", r#"{"orderId":"order-cancelled"}"#)).await;
     push(
         &mut redis,
-        &job("integration-test", "email:send", r#"{"to":"test@example.com","subject":"Test","body":"Test email"}"#),
+        &job(
+            "bad-email-1",
+            "email:send",
+            r#"{"to":"nobody","subject":"s","body":"b"}"#,
+        ),
+    )
+    .await;
+
+    let order_job = job(
+        "order-job-1",
+        "order:process",
+        r#"{"orderId":"order-pending"}"#,
+    );
+    push(&mut redis, &order_job).await;
+    push(
+        &mut redis,
+        &job(
+            "test-123",
+            "order:process",
+            r#"{"orderId":"test-order-123"}"#,
+        ),
     )
     .await;
     push(
         &mut redis,
-        &job("webhook-1", "webhook:process", r#"{"source":"payments","event":"payment.succeeded","amount":1200}"#),
+        &job(
+            "order-job-2",
+            "order:process",
+            r#"{"orderId":"order-cancelled"}"#,
+        ),
+    )
+    .await;
+    push(
+        &mut redis,
+        &job(
+            "integration-test",
+            "email:send",
+            r#"{"to":"test@example.com","subject":"Test","body":"Test email"}"#,
+        ),
+    )
+    .await;
+    push(
+        &mut redis,
+        &job(
+            "webhook-1",
+            "webhook:process",
+            r#"{"source":"payments","event":"payment.succeeded","amount":1200}"#,
+        ),
     )
     .await;
     push(&mut redis, &job("probe-1", "verify:probe", "{}")).await;
 
-    worker.wait_for_line("Processing job order-job-1 of type order:process", STEP_TIMEOUT).await;
-    worker.wait_for_line("Order order-pending processed: processed", STEP_TIMEOUT).await;
-    worker.wait_for_line("Order test-order-123 processed: not_found", STEP_TIMEOUT).await;
-    worker.wait_for_line("Order order-cancelled processed: skipped_cancelled", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line(
+            "Processing job order-job-1 of type order:process",
+            STEP_TIMEOUT,
+        )
+        .await;
+    worker
+        .wait_for_line("Order order-pending processed: processed", STEP_TIMEOUT)
+        .await;
+    worker
+        .wait_for_line("Order test-order-123 processed: not_found", STEP_TIMEOUT)
+        .await;
+    worker
+        .wait_for_line(
+            "Order order-cancelled processed: skipped_cancelled",
+            STEP_TIMEOUT,
+        )
+        .await;
 
     // order:process moved the order and recorded the change.
     let status: String = database
@@ -267,7 +405,10 @@ async fn worker_processes_every_job_type() {
         .get(0);
     assert_eq!(status, "processed");
     let cancelled: String = database
-        .query_one("SELECT status FROM orders WHERE id = 'order-cancelled'", &[])
+        .query_one(
+            "SELECT status FROM orders WHERE id = 'order-cancelled'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -299,8 +440,14 @@ async fn worker_processes_every_job_type() {
             .unwrap()
     })
     .await;
-    assert_eq!(webhook.get::<_, Option<String>>(0).as_deref(), Some("payments"));
-    assert_eq!(webhook.get::<_, Option<String>>(1).as_deref(), Some("payment.succeeded"));
+    assert_eq!(
+        webhook.get::<_, Option<String>>(0).as_deref(),
+        Some("payments")
+    );
+    assert_eq!(
+        webhook.get::<_, Option<String>>(1).as_deref(),
+        Some("payment.succeeded")
+    );
     assert_eq!(webhook.get::<_, Value>(2)["amount"], 1200);
     assert!(webhook.get::<_, bool>(3));
 
@@ -316,20 +463,37 @@ async fn worker_processes_every_job_type() {
         .await;
         let result: Value = serde_json::from_str(&result).expect("probe result is JSON");
         assert_eq!(result["worker"], instance.as_str());
-        let processed_at = result["processedAt"].as_str().expect("processedAt is a string");
-        assert!(chrono::DateTime::parse_from_rfc3339(processed_at).is_ok(), "processedAt {processed_at:?}");
+        let processed_at = result["processedAt"]
+            .as_str()
+            .expect("processedAt is a string");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(processed_at).is_ok(),
+            "processedAt {processed_at:?}"
+        );
         let ttl: i64 = redis.ttl(&key).await.unwrap();
         assert!((3500..=3600).contains(&ttl), "probe key TTL {ttl}");
     }
-    worker.wait_for_line("in-flight job(s) of worker ghost@gone-host", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line("in-flight job(s) of worker ghost@gone-host", STEP_TIMEOUT)
+        .await;
 
     // Invalid jobs went to the dead letter list with their reasons.
-    let invalid = wait_until("the dead letter of the invalid JSON job", STEP_TIMEOUT, || {
-        let mut redis = redis.clone();
-        async move { dead_letter(&mut redis, |envelope| envelope["job"] == "{not json").await }
-    })
+    let invalid = wait_until(
+        "the dead letter of the invalid JSON job",
+        STEP_TIMEOUT,
+        || {
+            let mut redis = redis.clone();
+            async move { dead_letter(&mut redis, |envelope| envelope["job"] == "{not json").await }
+        },
+    )
     .await;
-    assert!(invalid["reason"].as_str().unwrap().contains("not valid JSON"), "{invalid}");
+    assert!(
+        invalid["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{invalid}"
+    );
     assert!(invalid["failedAt"].as_str().is_some(), "{invalid}");
 
     let unknown = wait_until("the dead letter of unknown-1", STEP_TIMEOUT, || {
@@ -337,15 +501,32 @@ async fn worker_processes_every_job_type() {
         async move { dead_letter(&mut redis, |envelope| envelope["job"]["id"] == "unknown-1").await }
     })
     .await;
-    assert!(unknown["reason"].as_str().unwrap().starts_with("unknown job type \"report:build\""), "{unknown}");
+    assert!(
+        unknown["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown job type \"report:build\""),
+        "{unknown}"
+    );
     assert!(worker.output_text().contains("Job unknown-1 rejected"));
 
     let bad_email = wait_until("the dead letter of bad-email-1", STEP_TIMEOUT, || {
         let mut redis = redis.clone();
-        async move { dead_letter(&mut redis, |envelope| envelope["job"]["id"] == "bad-email-1").await }
+        async move {
+            dead_letter(&mut redis, |envelope| {
+                envelope["job"]["id"] == "bad-email-1"
+            })
+            .await
+        }
     })
     .await;
-    assert!(bad_email["reason"].as_str().unwrap().contains("not a valid e-mail address"), "{bad_email}");
+    assert!(
+        bad_email["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid e-mail address"),
+        "{bad_email}"
+    );
 
     // cache:warm computed order counts from PostgreSQL.
     push(&mut redis, &job("cache-1", "cache:warm", "{}")).await;
@@ -362,16 +543,24 @@ async fn worker_processes_every_job_type() {
     assert_eq!(counts["value"]["pending"], 1, "{counts}");
     let ttl: i64 = redis.ttl(&counts_key).await.unwrap();
     assert!((1..=300).contains(&ttl), "cache TTL {ttl}");
-    let summary: String = redis.get(format!("{QUEUE}:cache:orders:summary")).await.unwrap();
+    let summary: String = redis
+        .get(format!("{QUEUE}:cache:orders:summary"))
+        .await
+        .unwrap();
     let summary: Value = serde_json::from_str(&summary).unwrap();
     assert_eq!(summary["value"]["totalOrders"], 3, "{summary}");
     assert_eq!(summary["value"]["processedOrders"], 1, "{summary}");
 
     // A job delivered again applies nothing twice.
     push(&mut redis, &order_job).await;
-    worker.wait_for_line("Job order-job-1 was already processed", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line("Job order-job-1 was already processed", STEP_TIMEOUT)
+        .await;
     let events: i64 = database
-        .query_one("SELECT count(*) FROM order_events WHERE order_id = 'order-pending'", &[])
+        .query_one(
+            "SELECT count(*) FROM order_events WHERE order_id = 'order-pending'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -379,29 +568,63 @@ async fn worker_processes_every_job_type() {
 
     // A failing job goes to the retry set with its attempt count, and succeeds once it
     // is due again and the database is back.
-    database.batch_execute("ALTER TABLE email_outbox RENAME TO email_outbox_hidden").await.unwrap();
-    push(&mut redis, &job("email-retry", "email:send", r#"{"to":"retry@example.com","subject":"Again","body":"b"}"#)).await;
+    database
+        .batch_execute("ALTER TABLE email_outbox RENAME TO email_outbox_hidden")
+        .await
+        .unwrap();
+    push(
+        &mut redis,
+        &job(
+            "email-retry",
+            "email:send",
+            r#"{"to":"retry@example.com","subject":"Again","body":"b"}"#,
+        ),
+    )
+    .await;
     let retry_entry: String = wait_until("email-retry in the retry set", STEP_TIMEOUT, || {
         let mut redis = redis.clone();
         async move {
             let entries: Vec<String> = redis.zrange(format!("{QUEUE}:retry"), 0, -1).await.unwrap();
-            entries.into_iter().find(|entry| entry.contains("email-retry"))
+            entries
+                .into_iter()
+                .find(|entry| entry.contains("email-retry"))
         }
     })
     .await;
     let retried: Value = serde_json::from_str(&retry_entry).unwrap();
     assert_eq!(retried["attempts"], 1, "{retried}");
-    assert!(retried["lastError"].as_str().unwrap().contains("email_outbox"), "{retried}");
-    assert!(worker.output_text().contains("Job email-retry failed (attempt 1 of 5), retrying in 10 s"));
-
-    database.batch_execute("ALTER TABLE email_outbox_hidden RENAME TO email_outbox").await.unwrap();
-    let _: i64 = redis.zadd(format!("{QUEUE}:retry"), &retry_entry, 0).await.unwrap();
-    wait_until("the outbox row of email-retry", STEP_TIMEOUT, || async move {
-        database
-            .query_opt("SELECT 1 FROM email_outbox WHERE job_id = 'email-retry'", &[])
-            .await
+    assert!(
+        retried["lastError"]
+            .as_str()
             .unwrap()
-    })
+            .contains("email_outbox"),
+        "{retried}"
+    );
+    assert!(worker
+        .output_text()
+        .contains("Job email-retry failed (attempt 1 of 5), retrying in 10 s"));
+
+    database
+        .batch_execute("ALTER TABLE email_outbox_hidden RENAME TO email_outbox")
+        .await
+        .unwrap();
+    let _: i64 = redis
+        .zadd(format!("{QUEUE}:retry"), &retry_entry, 0)
+        .await
+        .unwrap();
+    wait_until(
+        "the outbox row of email-retry",
+        STEP_TIMEOUT,
+        || async move {
+            database
+                .query_opt(
+                    "SELECT 1 FROM email_outbox WHERE job_id = 'email-retry'",
+                    &[],
+                )
+                .await
+                .unwrap()
+        },
+    )
     .await;
 
     // Everything fetched has left the queue and the in-flight list.
@@ -417,14 +640,26 @@ async fn worker_processes_every_job_type() {
     })
     .await;
 
-    let heartbeat_ttl: i64 = redis.ttl(format!("{QUEUE}:worker:{instance}")).await.unwrap();
-    assert!((1..=15).contains(&heartbeat_ttl), "heartbeat TTL {heartbeat_ttl}");
+    let heartbeat_ttl: i64 = redis
+        .ttl(format!("{QUEUE}:worker:{instance}"))
+        .await
+        .unwrap();
+    assert!(
+        (1..=15).contains(&heartbeat_ttl),
+        "heartbeat TTL {heartbeat_ttl}"
+    );
 
     let resident_kib = worker.resident_kib();
     eprintln!("worker resident memory after the jobs: {resident_kib} KiB");
-    assert!(resident_kib < 50 * 1024, "worker uses {resident_kib} KiB, more than 50 MiB");
+    assert!(
+        resident_kib < 50 * 1024,
+        "worker uses {resident_kib} KiB, more than 50 MiB"
+    );
 
-    assert_no_secret_in_output(&worker, &[&servers.redis.password, support::DATABASE_PASSWORD]);
+    assert_no_secret_in_output(
+        &worker,
+        &[&servers.redis.password, support::DATABASE_PASSWORD],
+    );
     assert_plain_text(&worker);
 
     // SIGTERM lets a running job finish: the job waits on a row lock held here, which is
@@ -434,22 +669,42 @@ async fn worker_processes_every_job_type() {
         .batch_execute("BEGIN; SELECT * FROM orders WHERE id = 'order-slow' FOR UPDATE")
         .await
         .unwrap();
-    push(&mut redis, &job("slow-1", "order:process", r#"{"orderId":"order-slow"}"#)).await;
-    worker.wait_for_line("Processing job slow-1", STEP_TIMEOUT).await;
+    push(
+        &mut redis,
+        &job("slow-1", "order:process", r#"{"orderId":"order-slow"}"#),
+    )
+    .await;
+    worker
+        .wait_for_line("Processing job slow-1", STEP_TIMEOUT)
+        .await;
 
     worker.terminate();
     worker.wait_for_line("Received SIGTERM", STEP_TIMEOUT).await;
-    worker.wait_for_line("Waiting up to 30 s for 1 running job(s) to finish", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line(
+            "Waiting up to 30 s for 1 running job(s) to finish",
+            STEP_TIMEOUT,
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     locker.batch_execute("COMMIT").await.unwrap();
 
     let status = worker.wait_for_exit(STEP_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "output:\n{}", worker.output_text());
-    worker.wait_for_line("Order order-slow processed: processed", Duration::ZERO).await;
-    worker.wait_for_line("All running jobs finished", Duration::ZERO).await;
-    worker.wait_for_line("Worker yametee-worker stopped", Duration::ZERO).await;
+    worker
+        .wait_for_line("Order order-slow processed: processed", Duration::ZERO)
+        .await;
+    worker
+        .wait_for_line("All running jobs finished", Duration::ZERO)
+        .await;
+    worker
+        .wait_for_line("Worker yametee-worker stopped", Duration::ZERO)
+        .await;
 
-    let heartbeat_exists: bool = redis.exists(format!("{QUEUE}:worker:{instance}")).await.unwrap();
+    let heartbeat_exists: bool = redis
+        .exists(format!("{QUEUE}:worker:{instance}"))
+        .await
+        .unwrap();
     assert!(!heartbeat_exists, "heartbeat key left after shutdown");
     let inflight: i64 = redis.llen(&inflight_key).await.unwrap();
     assert_eq!(inflight, 0);
@@ -457,17 +712,26 @@ async fn worker_processes_every_job_type() {
 
 #[tokio::test]
 async fn shutdown_returns_unfinished_jobs_after_drain_timeout() {
-    let Some(servers) = start_servers("shutdown_returns_unfinished_jobs_after_drain_timeout").await else {
+    let Some(servers) = start_servers("shutdown_returns_unfinished_jobs_after_drain_timeout").await
+    else {
         return;
     };
     let mut redis = redis_connection(&servers).await;
     let environment = worker_environment(
         &servers,
-        &[("WORKER_NAME", "drain-worker"), ("WORKER_DRAIN_TIMEOUT_SECS", "1")],
+        &[
+            ("WORKER_NAME", "drain-worker"),
+            ("WORKER_DRAIN_TIMEOUT_SECS", "1"),
+        ],
     );
 
     let mut worker = WorkerProcess::start(&environment);
-    worker.wait_for_line("Worker drain-worker ready and waiting for jobs", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line(
+            "Worker drain-worker ready and waiting for jobs",
+            STEP_TIMEOUT,
+        )
+        .await;
 
     let database = support::connect_postgres(&servers.postgres.url()).await;
     database
@@ -482,14 +746,22 @@ async fn shutdown_returns_unfinished_jobs_after_drain_timeout() {
 
     let stuck_job = job("stuck-1", "order:process", r#"{"orderId":"order-stuck"}"#);
     push(&mut redis, &stuck_job).await;
-    worker.wait_for_line("Processing job stuck-1", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line("Processing job stuck-1", STEP_TIMEOUT)
+        .await;
 
     worker.terminate();
     let status = worker.wait_for_exit(STEP_TIMEOUT).await;
     let output = worker.output_text();
     assert_eq!(status.code(), Some(0), "output:\n{output}");
-    assert!(output.contains("1 job(s) did not finish within the drain timeout of 1 s"), "{output}");
-    assert!(output.contains("Returned 1 unfinished job(s) to the queue"), "{output}");
+    assert!(
+        output.contains("1 job(s) did not finish within the drain timeout of 1 s"),
+        "{output}"
+    );
+    assert!(
+        output.contains("Returned 1 unfinished job(s) to the queue"),
+        "{output}"
+    );
 
     let queued: Vec<String> = redis.lrange(QUEUE, 0, -1).await.unwrap();
     assert_eq!(queued, vec![stuck_job.clone()]);
@@ -498,12 +770,17 @@ async fn shutdown_returns_unfinished_jobs_after_drain_timeout() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(status, "pending", "the stopped job's transaction must roll back");
+    assert_eq!(
+        status, "pending",
+        "the stopped job's transaction must roll back"
+    );
 
     // The returned job runs to completion on the next start.
     locker.batch_execute("ROLLBACK").await.unwrap();
     let mut worker = WorkerProcess::start(&environment);
-    worker.wait_for_line("Order order-stuck processed: processed", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line("Order order-stuck processed: processed", STEP_TIMEOUT)
+        .await;
     worker.terminate();
     let status = worker.wait_for_exit(STEP_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "output:\n{}", worker.output_text());
@@ -519,8 +796,13 @@ async fn systemd_notifications_bracket_the_run() {
     environment.push(("NOTIFY_SOCKET", notify.path.display().to_string()));
 
     let mut worker = WorkerProcess::start(&environment);
-    let ready = notify.receive(STEP_TIMEOUT).expect("a notification before the timeout");
-    assert!(ready.lines().any(|line| line == "READY=1"), "first notification: {ready:?}");
+    let ready = notify
+        .receive(STEP_TIMEOUT)
+        .expect("a notification before the timeout");
+    assert!(
+        ready.lines().any(|line| line == "READY=1"),
+        "first notification: {ready:?}"
+    );
     assert!(
         worker.output_text().contains(STARTUP_LINES[4]),
         "READY=1 sent before the ready line; output:\n{}",
@@ -528,8 +810,13 @@ async fn systemd_notifications_bracket_the_run() {
     );
 
     worker.terminate();
-    let stopping = notify.receive(STEP_TIMEOUT).expect("a notification before the timeout");
-    assert!(stopping.lines().any(|line| line == "STOPPING=1"), "notification after SIGTERM: {stopping:?}");
+    let stopping = notify
+        .receive(STEP_TIMEOUT)
+        .expect("a notification before the timeout");
+    assert!(
+        stopping.lines().any(|line| line == "STOPPING=1"),
+        "notification after SIGTERM: {stopping:?}"
+    );
     let status = worker.wait_for_exit(STEP_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "output:\n{}", worker.output_text());
 }
@@ -543,25 +830,46 @@ async fn worker_resumes_after_redis_restart() {
     worker.wait_for_line(STARTUP_LINES[4], STEP_TIMEOUT).await;
 
     servers.redis.restart(Duration::from_secs(1));
-    worker.wait_for_line("Fetching a job from Redis failed (attempt 1 of 12)", STEP_TIMEOUT).await;
-    worker.wait_for_line("Fetching jobs from Redis works again", STEP_TIMEOUT).await;
+    worker
+        .wait_for_line(
+            "Fetching a job from Redis failed (attempt 1 of 12)",
+            STEP_TIMEOUT,
+        )
+        .await;
+    worker
+        .wait_for_line("Fetching jobs from Redis works again", STEP_TIMEOUT)
+        .await;
 
     let mut redis = redis_connection(&servers).await;
     push(&mut redis, &job("after-restart", "verify:probe", "{}")).await;
     let key = "yametee:probe:after-restart";
-    wait_until("the probe key written after the Redis restart", STEP_TIMEOUT, || {
-        let mut redis = redis.clone();
-        async move { redis.get::<_, Option<String>>(key).await.unwrap() }
-    })
+    wait_until(
+        "the probe key written after the Redis restart",
+        STEP_TIMEOUT,
+        || {
+            let mut redis = redis.clone();
+            async move { redis.get::<_, Option<String>>(key).await.unwrap() }
+        },
+    )
     .await;
 
     // The heartbeat key, lost with the old server's data, is written again.
     let heartbeat_key = format!("{QUEUE}:worker:yametee-worker@{}", host_name());
-    wait_until("the heartbeat key after the Redis restart", STEP_TIMEOUT, || {
-        let mut redis = redis.clone();
-        let heartbeat_key = heartbeat_key.clone();
-        async move { redis.exists::<_, bool>(&heartbeat_key).await.unwrap().then_some(()) }
-    })
+    wait_until(
+        "the heartbeat key after the Redis restart",
+        STEP_TIMEOUT,
+        || {
+            let mut redis = redis.clone();
+            let heartbeat_key = heartbeat_key.clone();
+            async move {
+                redis
+                    .exists::<_, bool>(&heartbeat_key)
+                    .await
+                    .unwrap()
+                    .then_some(())
+            }
+        },
+    )
     .await;
 
     worker.terminate();

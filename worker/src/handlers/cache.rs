@@ -52,7 +52,10 @@ async fn compute_entry(client: &Client, entry: CacheEntry) -> Result<Value, toki
     match entry {
         CacheEntry::OrderStatusCounts => {
             let rows = client
-                .query("SELECT status, count(*) FROM orders GROUP BY status ORDER BY status", &[])
+                .query(
+                    "SELECT status, count(*) FROM orders GROUP BY status ORDER BY status",
+                    &[],
+                )
                 .await?;
             let counts: Map<String, Value> = rows
                 .iter()

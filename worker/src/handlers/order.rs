@@ -30,7 +30,10 @@ pub async fn process_order(
     }
 
     let current = transaction
-        .query_opt("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&order_id])
+        .query_opt(
+            "SELECT status FROM orders WHERE id = $1 FOR UPDATE",
+            &[&order_id],
+        )
         .await?
         .map(|row| row.get::<_, String>(0));
 

@@ -52,7 +52,10 @@ pub fn find_server_programs() -> Result<ServerPrograms, String> {
         .map(|(_, bin)| bin);
 
     match (redis_server, postgres_bin) {
-        (Some(redis_server), Some(postgres_bin)) => Ok(ServerPrograms { redis_server, postgres_bin }),
+        (Some(redis_server), Some(postgres_bin)) => Ok(ServerPrograms {
+            redis_server,
+            postgres_bin,
+        }),
         (redis, postgres) => {
             let mut missing = Vec::new();
             if redis.is_none() {
@@ -78,8 +81,12 @@ pub fn print_skip(test: &str, missing: &str) {
 
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port on 127.0.0.1");
-    listener.local_addr().expect("reading the bound port").port()
+    let listener =
+        TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port on 127.0.0.1");
+    listener
+        .local_addr()
+        .expect("reading the bound port")
+        .port()
 }
 
 fn is_root() -> bool {
@@ -109,7 +116,9 @@ fn postgres_command(program: &Path) -> Command {
 }
 
 fn run_checked(mut command: Command, what: &str) {
-    let output = command.output().unwrap_or_else(|error| panic!("{what}: {error}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
     assert!(
         output.status.success(),
         "{what} failed with {}:\n{}\n{}",
@@ -231,7 +240,12 @@ impl PostgresServer {
         initdb
             .arg("-D")
             .arg(&data_dir)
-            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", password_file.display()))
             .args(["--encoding=UTF8", "--no-sync"]);
         run_checked(initdb, "initdb");
@@ -289,7 +303,9 @@ impl PostgresServer {
             .await
             .expect("creating the worker's role");
         admin
-            .batch_execute(&format!("CREATE DATABASE {DATABASE_NAME} OWNER {DATABASE_USER}"))
+            .batch_execute(&format!(
+                "CREATE DATABASE {DATABASE_NAME} OWNER {DATABASE_USER}"
+            ))
             .await
             .expect("creating the worker's database");
     }
@@ -357,8 +373,14 @@ impl WorkerProcess {
 
         let mut child = command.spawn().expect("starting the worker binary");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        collect_lines(child.stdout.take().expect("piped stdout"), Arc::clone(&lines));
-        collect_lines(child.stderr.take().expect("piped stderr"), Arc::clone(&lines));
+        collect_lines(
+            child.stdout.take().expect("piped stdout"),
+            Arc::clone(&lines),
+        );
+        collect_lines(
+            child.stderr.take().expect("piped stderr"),
+            Arc::clone(&lines),
+        );
         WorkerProcess { child, lines }
     }
 
@@ -468,7 +490,9 @@ impl NotifySocket {
 
     /// Returns the next notification's text, or `None` when none arrives within `timeout`.
     pub fn receive(&self, timeout: Duration) -> Option<String> {
-        self.socket.set_read_timeout(Some(timeout)).expect("setting the read timeout");
+        self.socket
+            .set_read_timeout(Some(timeout))
+            .expect("setting the read timeout");
         let mut buffer = [0u8; 4096];
         let length = self.socket.recv(&mut buffer).ok()?;
         Some(String::from_utf8_lossy(&buffer[..length]).into_owned())
