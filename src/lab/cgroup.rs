@@ -120,7 +120,7 @@ fn host_cgroup_dirs(host_name: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The candidate hierarchies that are mounted here; a cgroup directory has `cgroup.procs`.
+/// Lists the candidate hierarchies that are mounted here, recognised by their `cgroup.procs`.
 fn hierarchies() -> impl Iterator<Item = &'static Path> {
     HIERARCHY_CANDIDATES
         .iter()

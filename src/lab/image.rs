@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::LabError;
 use super::state::LabLock;
-use super::system::{self, remove_tree, stop_processes_rooted_under};
+use super::system::{self, remove_tree, stop_processes_using};
 
 /// Debian release of the lab hosts.
 pub(crate) const SUITE: &str = "bookworm";
@@ -78,8 +78,14 @@ pub(crate) fn ensure_base_image(cache_dir: &Path) -> Result<PathBuf, LabError> {
     );
     let started = Instant::now();
 
-    run_debootstrap(&mirror, &partial, &log)?;
-    finish_base(&partial)?;
+    let built = run_debootstrap(&mirror, &partial, &log).and_then(|()| finish_base(&partial));
+    if let Err(error) = built {
+        // The partial tree is about 750 MB; the log stays for the diagnosis.
+        if let Err(cleanup_error) = remove_partial_build(&partial) {
+            eprintln!("lab: {cleanup_error}");
+        }
+        return Err(error);
+    }
     fs::rename(&partial, &image).map_err(LabError::io("rename into place", &image))?;
 
     eprintln!(
@@ -111,7 +117,7 @@ fn remove_partial_build(partial: &Path) -> Result<(), LabError> {
         return Ok(());
     }
     eprintln!("lab: removing the unfinished build {}", partial.display());
-    let left = stop_processes_rooted_under(partial, Duration::from_secs(5));
+    let left = stop_processes_using(partial, Duration::from_secs(10));
     if !left.is_empty() {
         return Err(LabError::StrayProcesses {
             path: partial.to_owned(),
@@ -136,16 +142,25 @@ fn run_debootstrap(mirror: &str, target: &Path, log: &Path) -> Result<(), LabErr
     let description = system::describe(&command);
     tracing::debug!(command = %description, "running");
 
-    let mut child = command
+    command
         .stdin(Stdio::null())
         .stdout(log_file)
-        .stderr(log_err)
-        .process_group(0)
-        .spawn()
-        .map_err(|source| LabError::Spawn {
-            command: description.clone(),
-            source,
-        })?;
+        .stderr(log_err);
+    // SAFETY: prctl is async-signal-safe and the closure allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            // debootstrap must not keep writing into the partial tree after the lab process
+            // dies. On SIGTERM it unmounts what it mounted there.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| LabError::Spawn {
+        command: description.clone(),
+        source,
+    })?;
 
     let deadline = Instant::now() + DEBOOTSTRAP_TIMEOUT;
     let status = loop {
@@ -153,8 +168,15 @@ fn run_debootstrap(mirror: &str, target: &Path, log: &Path) -> Result<(), LabErr
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             Ok(None) => {
-                system::signal_process_group(child.id(), libc::SIGKILL);
-                let _ = child.wait();
+                // SIGTERM lets debootstrap unmount /proc and /sys from the partial tree. The
+                // caller stops whatever is left.
+                system::signal_process(child.id(), libc::SIGTERM);
+                if !system::wait_until(Duration::from_secs(10), || {
+                    child.try_wait().is_ok_and(|exit| exit.is_some())
+                }) {
+                    system::signal_process(child.id(), libc::SIGKILL);
+                    let _ = child.wait();
+                }
                 return Err(LabError::CommandTimedOut {
                     command: description,
                     timeout: DEBOOTSTRAP_TIMEOUT,
@@ -243,7 +265,7 @@ fn finish_base(root: &Path) -> Result<(), LabError> {
         }
     }
 
-    let left = stop_processes_rooted_under(root, Duration::from_secs(5));
+    let left = stop_processes_using(root, Duration::from_secs(5));
     if !left.is_empty() {
         return Err(LabError::StrayProcesses {
             path: root.to_owned(),

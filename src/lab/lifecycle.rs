@@ -81,8 +81,8 @@ pub fn up(spec: &LabSpec) -> Result<LabStatus, LabError> {
 /// Stops every lab host, unmounts the overlays, deletes the network namespaces and removes
 /// the hosts' files. The lab's SSH identity, its secrets and the base image are kept.
 ///
-/// Stops only the processes the lab started: the recorded systemd-nspawn processes and
-/// processes whose root is a host's overlay. Succeeds when nothing is up. A failing step does
+/// Stops only the processes the lab started: the recorded systemd-nspawn processes and the
+/// container processes in the hosts' network namespaces. Succeeds when nothing is up. A failing step does
 /// not stop the others; the first error is returned at the end.
 pub fn down() -> Result<(), LabError> {
     system::require_root()?;
@@ -165,13 +165,7 @@ pub fn down() -> Result<(), LabError> {
     for error in errors.iter().skip(1) {
         eprintln!("lab: {error}");
     }
-    match errors.into_iter().next() {
-        Some(error) => Err(error),
-        None => {
-            eprintln!("lab: down");
-            Ok(())
-        }
-    }
+    errors.into_iter().next().map_or(Ok(()), Err)
 }
 
 /// Reports every lab host: its address, whether its container runs and whether its sshd

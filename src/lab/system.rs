@@ -5,7 +5,6 @@ use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
@@ -67,11 +66,10 @@ pub(crate) fn describe(command: &Command) -> String {
     words.join(" ")
 }
 
-/// Runs a command in its own process group and returns its stdout.
+/// Runs a command and returns its stdout.
 ///
-/// stdin is /dev/null. When the timeout passes, the whole process group is killed, so that
-/// helpers the command started do not outlive it. A non-zero exit becomes
-/// `LabError::CommandFailed` with the last lines of stderr.
+/// stdin is /dev/null. When the timeout passes, the process is killed. A non-zero exit
+/// becomes `LabError::CommandFailed` with the last lines of stderr.
 pub(crate) fn run(command: &mut Command, timeout: Duration) -> Result<String, LabError> {
     let output = run_unchecked(command, timeout)?;
     if !output.status.success() {
@@ -89,7 +87,6 @@ pub(crate) fn run_unchecked(command: &mut Command, timeout: Duration) -> Result<
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .spawn()
         .map_err(|source| LabError::Spawn {
             command: description.clone(),
@@ -109,9 +106,9 @@ pub(crate) fn run_unchecked(command: &mut Command, timeout: Duration) -> Result<
             source,
         }),
         Err(_) => {
-            // The child is not reaped before the waiting thread returns, so the process group
-            // id still belongs to it.
-            signal_process_group(pid, libc::SIGKILL);
+            // The child is not reaped before the waiting thread returns, so the pid still
+            // belongs to it.
+            signal_process(pid, libc::SIGKILL);
             let _ = receiver.recv_timeout(Duration::from_secs(5));
             Err(LabError::CommandTimedOut {
                 command: description,
@@ -139,14 +136,6 @@ pub(crate) fn last_lines(text: &str, count: usize) -> String {
         .collect();
     let start = lines.len().saturating_sub(count);
     lines[start..].join("; ")
-}
-
-/// Sends `signal` to every process of the process group `group`.
-pub(crate) fn signal_process_group(group: u32, signal: libc::c_int) {
-    // SAFETY: kill has no memory-safety preconditions; a negative pid names a process group.
-    unsafe {
-        libc::kill(-(group as libc::pid_t), signal);
-    }
 }
 
 /// Sends `signal` to one process.
@@ -184,8 +173,9 @@ pub(crate) fn is_process_running(pid: u32, start_time: u64) -> bool {
     }
 }
 
-/// Lists the processes whose root directory is `root` or a directory below it.
-pub(crate) fn processes_rooted_under(root: &Path) -> Vec<u32> {
+/// Lists the processes whose root directory is at or below `dir`, or that have an argument
+/// naming a path at or below it, such as debootstrap and its downloads into a new root.
+pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -198,10 +188,14 @@ pub(crate) fn processes_rooted_under(root: &Path) -> Vec<u32> {
         else {
             continue;
         };
-        if let Ok(process_root) = fs::read_link(entry.path().join("root")) {
-            if process_root.starts_with(root) {
-                pids.push(pid);
-            }
+        let rooted =
+            fs::read_link(entry.path().join("root")).is_ok_and(|root| root.starts_with(dir));
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let names_dir = cmdline
+            .split(|byte| *byte == 0)
+            .any(|arg| Path::new(OsStr::from_bytes(arg)).starts_with(dir));
+        if rooted || names_dir {
+            pids.push(pid);
         }
     }
     pids
@@ -267,9 +261,9 @@ pub(crate) fn stop_processes(find: impl Fn() -> Vec<u32>, grace: Duration) -> Ve
     find()
 }
 
-/// Stops every process whose root directory is at or below `root`, as [`stop_processes`] does.
-pub(crate) fn stop_processes_rooted_under(root: &Path, grace: Duration) -> Vec<u32> {
-    stop_processes(|| processes_rooted_under(root), grace)
+/// Stops the processes that [`processes_using`] lists, as [`stop_processes`] does.
+pub(crate) fn stop_processes_using(dir: &Path, grace: Duration) -> Vec<u32> {
+    stop_processes(|| processes_using(dir), grace)
 }
 
 /// Polls `done` every 50 ms until it returns true or `timeout` passes. Returns whether it did.
