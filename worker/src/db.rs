@@ -92,6 +92,31 @@ impl DatabaseSlot {
         }
         Ok(self.client.as_mut().expect("client was set above"))
     }
+
+    /// Cancels the query the connection may still be running and closes it, so that the
+    /// next job gets a fresh connection.
+    ///
+    /// Used after a job timed out. Dropping the job's future does not stop its query on
+    /// the server, and the next job's queries would queue behind it on this connection.
+    pub async fn discard(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+
+        let cancel_token = client.cancel_token();
+        let cancel = cancel_token.cancel_query(NoTls);
+        match tokio::time::timeout(CONNECT_TIMEOUT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(
+                "Cancelling the query of a timed-out job failed: {}",
+                crate::error_chain(&error)
+            ),
+            Err(_) => warn!(
+                "Cancelling the query of a timed-out job timed out after {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        }
+    }
 }
 
 /// Applies the pending [`MIGRATIONS`] while holding a PostgreSQL advisory lock, so that

@@ -395,6 +395,9 @@ async fn run_job(raw: String, mut slot: DatabaseSlot, shared: Arc<Shared>) -> Da
             let result = timeout(JOB_TIMEOUT, handlers::handle(&job, context))
                 .await
                 .unwrap_or(Err(JobError::TimedOut(JOB_TIMEOUT)));
+            if matches!(result, Err(JobError::TimedOut(_))) {
+                slot.discard().await;
+            }
             finish_job(&shared, &raw, &job, result, started).await;
         }
     }
