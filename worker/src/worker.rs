@@ -29,7 +29,7 @@ const MAX_FETCH_FAILURES: u32 = 12;
 const MAX_FETCH_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Interval between moves of due retries back to the queue.
 const RETRY_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Interval between checks for in-flight jobs of dead workers; with the heartbeat's
+/// Interval between checks for in-flight jobs of dead workers. With the heartbeat's
 /// 15 s lifetime, a dead worker's jobs return within about 30 s.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(15);
 /// Attempts at removing a finished job from the in-flight list before giving up.
@@ -246,7 +246,7 @@ async fn prepare_queue(queue: &mut Queue, heartbeat: &str) -> redis::RedisResult
     if returned > 0 {
         warn!(
             instance = %queue.keys().instance(),
-            "Returned {returned} job(s) left in flight by a previous run of this worker to the queue"
+            "Moved {returned} job(s) that a previous run of this worker left in flight back to the queue"
         );
     }
 
@@ -292,7 +292,9 @@ async fn fetch_jobs(
                 Ok(returned) => {
                     check_unclaimed = false;
                     if returned > 0 {
-                        warn!("Returned {returned} job(s) whose fetch reply was lost to the queue");
+                        warn!(
+                            "Moved {returned} job(s) whose fetch reply was lost back to the queue"
+                        );
                     }
                 }
                 Err(error) => debug!(
@@ -426,7 +428,7 @@ async fn finish_job(
                     "Job {} was already processed; nothing applied again", job.id
                 ),
             }
-            remove_from_inflight(shared, &job.id, "completing", |mut queue| {
+            remove_from_inflight(shared, &job.id, "completion", |mut queue| {
                 let raw = raw.to_string();
                 async move { queue.complete(&raw).await }
             })
@@ -449,7 +451,7 @@ async fn finish_job(
             let document = retry::retry_document(&job.document, attempts, &error);
             let due =
                 crate::unix_millis() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-            remove_from_inflight(shared, &job.id, "scheduling the retry of", |mut queue| {
+            remove_from_inflight(shared, &job.id, "retry scheduling", |mut queue| {
                 let (raw, document) = (raw.to_string(), document.clone());
                 async move { queue.schedule_retry(&raw, &document, due).await }
             })
@@ -474,10 +476,15 @@ async fn dead_letter(shared: &Shared, raw: &str, job_id: &str, reason: &str) {
         &crate::now_rfc3339(),
         shared.queue.keys().instance(),
     );
-    remove_from_inflight(shared, job_id, "dead-lettering", |mut queue| {
-        let (raw, envelope) = (raw.to_string(), envelope.clone());
-        async move { queue.dead_letter(&raw, &envelope).await }
-    })
+    remove_from_inflight(
+        shared,
+        job_id,
+        "move to the dead letter list",
+        |mut queue| {
+            let (raw, envelope) = (raw.to_string(), envelope.clone());
+            async move { queue.dead_letter(&raw, &envelope).await }
+        },
+    )
     .await;
 }
 
@@ -498,15 +505,15 @@ where
             Ok(Removal::NotInFlight) => {
                 warn!(
                     job_id = %job_id,
-                    "Job {job_id} was no longer in this worker's in-flight list when {action} it: \
-                     another worker returned it to the queue after this one missed its heartbeats"
+                    "Job {job_id} was no longer in this worker's in-flight list at its {action}, \
+                     because another worker returned it to the queue after this one missed its heartbeats"
                 );
                 return;
             }
             Err(error) if attempt < FINISH_ATTEMPTS => {
                 warn!(
                     job_id = %job_id,
-                    "Redis failed while {action} job {job_id} (attempt {attempt} of {FINISH_ATTEMPTS}): {}",
+                    "Redis failed during the {action} of job {job_id} (attempt {attempt} of {FINISH_ATTEMPTS}): {}",
                     shared.scrub(&error_chain(&error))
                 );
                 sleep(Duration::from_secs(1)).await;
@@ -514,8 +521,8 @@ where
             Err(error) => {
                 error!(
                     job_id = %job_id,
-                    "Gave up {action} job {job_id} after {FINISH_ATTEMPTS} attempts; it stays in flight \
-                     until this worker restarts: {}",
+                    "Gave up the {action} of job {job_id} after {FINISH_ATTEMPTS} attempts. It stays in \
+                     flight until this worker restarts: {}",
                     shared.scrub(&error_chain(&error))
                 );
             }
@@ -621,7 +628,7 @@ fn log_reclaimed(reclaimed: &[(String, i64)]) {
     for (instance, count) in reclaimed {
         warn!(
             dead_instance = %instance,
-            "Returned {count} in-flight job(s) of worker {instance}, whose heartbeat expired, to the queue"
+            "Moved {count} in-flight job(s) of worker {instance} back to the queue because its heartbeat expired"
         );
     }
 }
