@@ -90,7 +90,21 @@ pub async fn apply_host(
             }
             Err(ApplyError::NotReady { host, unit, journal }) if unit == worker_paths::UNIT => {
                 report.changes.push(step.change());
-                roll_back_worker(remote, &applied, report).await?;
+                let rolled_back = roll_back_worker(remote, &applied, report).await?;
+                if rolled_back {
+                    // The previous release runs again, so the worker's restart is no longer
+                    // owed; restarts not reached yet stay recorded for the next apply.
+                    let owed: Vec<&str> = restarts
+                        .iter()
+                        .copied()
+                        .filter(|unit| *unit != worker_paths::UNIT && !report.restarted.iter().any(|done| done == unit))
+                        .collect();
+                    if owed.is_empty() {
+                        clear_pending_restarts(remote).await?;
+                    } else {
+                        record_pending_restarts(remote, &owed).await?;
+                    }
+                }
                 return Err(ApplyError::NotReady { host, unit, journal });
             }
             Err(error) => return Err(error),
@@ -320,12 +334,14 @@ async fn unit_journal(remote: &Remote, unit: &str) -> String {
     }
 }
 
-/// Puts the previous worker release, unit and environment back after a failed start.
+/// Puts the previous worker release, unit and environment back after a failed start and
+/// restarts the worker. Returns false when there was nothing to go back to and the worker was
+/// stopped instead.
 async fn roll_back_worker(
     remote: &Remote,
     applied: &[&Step],
     report: &mut HostReport,
-) -> Result<(), ApplyError> {
+) -> Result<bool, ApplyError> {
     let previous_release = applied.iter().find_map(|step| match step {
         Step::InstallRelease { previous, .. } => Some(previous.clone()),
         _ => None,
@@ -354,14 +370,14 @@ async fn roll_back_worker(
         // Nothing to go back to: stop the unit rather than let it fail in a restart loop.
         tracing::warn!(host = %remote.host(), "no previous worker release to roll back to; stopping the worker");
         systemctl(remote, &["stop", worker_paths::UNIT], RESTART_TIMEOUT).await?;
-        return Ok(());
+        return Ok(false);
     }
 
     tracing::warn!(host = %remote.host(), release = ?previous_release, "rolling the worker back to the previous release");
     systemctl(remote, &["daemon-reload"], RESTART_TIMEOUT).await?;
     start_unit(remote, "restart", worker_paths::UNIT, RESTART_TIMEOUT).await?;
     report.outcome = Outcome::RolledBack;
-    Ok(())
+    Ok(true)
 }
 
 async fn record_pending_restarts(remote: &Remote, units: &[&str]) -> Result<(), SshError> {

@@ -1,6 +1,7 @@
 //! End to end on the lab: boots a replica of inventory.yaml in systemd-nspawn containers,
 //! applies, verifies that every check passes, checks that a second apply changes and
-//! restarts nothing, and takes the lab down. Needs root, systemd-nspawn and debootstrap
+//! restarts nothing, that a worker which never reports ready is rolled back, and takes the
+//! lab down. Needs root, systemd-nspawn and debootstrap
 //! (`scripts/setup.sh` installs them); where they are missing the test says so and skips,
 //! except under CI, where it fails.
 
@@ -41,12 +42,16 @@ fn missing_prerequisite() -> Option<String> {
 }
 
 fn deploy(args: &[&str]) -> Output {
+    deploy_worker(&worker_binary(), args)
+}
+
+fn deploy_worker(worker: &Path, args: &[&str]) -> Output {
     let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory.yaml");
     let output = Command::new(deploy_binary())
         .arg("-i")
         .arg(&inventory)
         .arg("--worker-binary")
-        .arg(worker_binary())
+        .arg(worker)
         .args(args)
         .env("NO_COLOR", "1")
         .output()
@@ -73,12 +78,12 @@ impl Drop for Lab {
 }
 
 #[test]
-fn lab_apply_verify_then_reapply_changes_nothing() {
+fn lab_apply_verify_and_roll_back() {
     if let Some(reason) = missing_prerequisite() {
         if std::env::var_os("CI").is_some() {
             panic!("the lab end-to-end test cannot run under CI: {reason}");
         }
-        eprintln!("SKIPPED lab_apply_verify_then_reapply_changes_nothing: {reason}");
+        eprintln!("SKIPPED lab_apply_verify_and_roll_back: {reason}");
         return;
     }
 
@@ -127,6 +132,31 @@ fn lab_apply_verify_then_reapply_changes_nothing() {
 
     let plan = deploy(&["--lab", "plan", "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "plan after apply is not in sync:\n{}", String::from_utf8_lossy(&plan.stdout));
+
+    // /bin/false is a valid ELF binary that exits at once without reporting ready, so apply
+    // must put the previous release back and fail.
+    let broken = deploy_worker(Path::new("/bin/false"), &["--lab", "--format", "json", "apply"]);
+    let broken_report = json(&broken);
+    assert_eq!(broken.status.code(), Some(1), "apply of a broken worker did not fail: {broken_report:#}");
+    assert_eq!(broken_report["ok"], false);
+    let worker = broken_report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|host| host["name"] == "worker")
+        .expect("worker host in the report");
+    assert_eq!(worker["outcome"], "rolled-back", "{worker:#}");
+    assert!(worker["error"].as_str().unwrap_or_default().contains("did not become ready"), "{worker:#}");
+
+    let after_rollback = deploy(&["--lab", "--format", "json", "verify"]);
+    assert_eq!(after_rollback.status.code(), Some(0), "verify after the rollback failed: {:#}", json(&after_rollback));
+
+    let third = deploy(&["--lab", "--format", "json", "apply"]);
+    let third_report = json(&third);
+    assert_eq!(third.status.code(), Some(0), "{third_report:#}");
+    for host in third_report["hosts"].as_array().expect("hosts") {
+        assert_eq!(host["outcome"], "unchanged", "apply after the rollback changed {}: {host:#}", host["name"]);
+    }
 
     drop(lab);
     let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip runs");
