@@ -11,4 +11,13 @@ cargo build --release --workspace --locked
 # The end-to-end test deploys the release binaries, as an operator would.
 export YAMETEE_DEPLOY_BINARY="$PWD/target/release/yametee-deploy"
 export YAMETEE_WORKER_BINARY="$PWD/target/release/yametee-worker"
-cargo test --release --workspace --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"

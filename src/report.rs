@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::apply::{HostReport, Outcome};
 use crate::deploy::HostPlanReport;
+use crate::plan::Change;
 use crate::verify::{Status, VerifyReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -193,40 +194,43 @@ fn junit_verify(report: &VerifyReport) -> String {
 }
 
 fn junit_apply(reports: &[HostReport]) -> String {
-    let mut junit = Report::new("yametee-deploy apply");
-    let mut suite = TestSuite::new("apply");
-    for report in reports {
-        let status = if report.outcome.is_success() {
-            TestCaseStatus::success()
-        } else {
-            let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
-            status.set_message(report.error.clone().unwrap_or_else(|| outcome_name(report.outcome).into()));
-            status
-        };
-        let mut case = TestCase::new(report.name.as_str(), status);
-        let changes: Vec<String> = report.changes.iter().map(|c| format!("{} {} {}", c.action, c.kind, c.target)).collect();
-        case.set_system_out(changes.join("\n"));
-        suite.add_test_case(case);
-    }
-    junit.add_test_suite(suite);
-    junit_text(&junit)
+    let cases = reports.iter().map(|report| {
+        let failure = (!report.outcome.is_success()).then(|| {
+            let message = report.error.clone().unwrap_or_else(|| outcome_name(report.outcome).into());
+            (NonSuccessKind::Failure, message)
+        });
+        (report.name.as_str(), failure, report.changes.as_slice())
+    });
+    junit_per_host("apply", cases)
 }
 
 fn junit_plan(reports: &[HostPlanReport]) -> String {
-    let mut junit = Report::new("yametee-deploy plan");
-    let mut suite = TestSuite::new("plan");
-    for report in reports {
-        let status = match &report.error {
+    let cases = reports.iter().map(|report| {
+        let failure = report.error.clone().map(|error| (NonSuccessKind::Error, error));
+        (report.name.as_str(), failure, report.changes.as_slice())
+    });
+    junit_per_host("plan", cases)
+}
+
+/// One test case per host, failed where the host has a failure, with its changes as output.
+fn junit_per_host<'a>(
+    command: &str,
+    cases: impl Iterator<Item = (&'a str, Option<(NonSuccessKind, String)>, &'a [Change])>,
+) -> String {
+    let mut junit = Report::new(format!("yametee-deploy {command}"));
+    let mut suite = TestSuite::new(command);
+    for (host, failure, changes) in cases {
+        let status = match failure {
             None => TestCaseStatus::success(),
-            Some(error) => {
-                let mut status = TestCaseStatus::non_success(NonSuccessKind::Error);
-                status.set_message(error.as_str());
+            Some((kind, message)) => {
+                let mut status = TestCaseStatus::non_success(kind);
+                status.set_message(message);
                 status
             }
         };
-        let mut case = TestCase::new(report.name.as_str(), status);
-        let changes: Vec<String> = report.changes.iter().map(|c| format!("{} {} {}", c.action, c.kind, c.target)).collect();
-        case.set_system_out(changes.join("\n"));
+        let mut case = TestCase::new(host, status);
+        let lines: Vec<String> = changes.iter().map(|c| format!("{} {} {}", c.action, c.kind, c.target)).collect();
+        case.set_system_out(lines.join("\n"));
         suite.add_test_case(case);
     }
     junit.add_test_suite(suite);
@@ -239,4 +243,57 @@ fn junit_text(report: &Report) -> String {
         text.push('\n');
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::{CheckResult, HostResult};
+
+    fn sample() -> VerifyReport {
+        let check = |id: &str, status: Status| CheckResult {
+            id: id.into(),
+            status,
+            detail: format!("{id} detail"),
+            duration_ms: 12,
+        };
+        VerifyReport {
+            ok: false,
+            hosts: vec![HostResult {
+                name: "worker".into(),
+                role: "worker".into(),
+                roles: vec!["worker".into()],
+                checks: vec![check("ssh.reachable", Status::Pass), check("worker.memory", Status::Fail)],
+            }],
+        }
+    }
+
+    #[test]
+    fn verify_json_has_interface_fields() {
+        let document: serde_json::Value = serde_json::from_str(&verify(&sample(), Format::Json)).unwrap();
+        assert_eq!(document["ok"], false);
+        let host = &document["hosts"][0];
+        assert_eq!(host["name"], "worker");
+        assert_eq!(host["role"], "worker");
+        let check = &host["checks"][1];
+        assert_eq!(check["id"], "worker.memory");
+        assert_eq!(check["status"], "fail");
+        assert_eq!(check["detail"], "worker.memory detail");
+        assert_eq!(check["duration_ms"], 12);
+    }
+
+    #[test]
+    fn verify_junit_has_case_per_check() {
+        let xml = verify(&sample(), Format::Junit);
+        assert!(xml.contains(r#"<testsuite name="worker" tests="2""#), "{xml}");
+        assert!(xml.contains(r#"<testcase name="ssh.reachable""#), "{xml}");
+        assert!(xml.contains(r#"<failure message="worker.memory detail""#), "{xml}");
+    }
+
+    #[test]
+    fn verify_table_ends_with_counts() {
+        let text = verify(&sample(), Format::Human);
+        assert!(text.contains("FAIL"), "{text}");
+        assert!(text.ends_with("1 passed, 1 failed, 0 skipped\n"), "{text}");
+    }
 }
