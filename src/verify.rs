@@ -80,13 +80,35 @@ pub struct Verifier<'a> {
     pub renderer: &'a Renderer,
 }
 
-type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
+/// Why a check did not pass.
+enum NotPassed {
+    Fail(String),
+    /// The check could not be run meaningfully, for a reason that is not a fault of the host.
+    Skip(String),
+}
+
+impl From<String> for NotPassed {
+    fn from(detail: String) -> NotPassed {
+        NotPassed::Fail(detail)
+    }
+}
+
+impl From<&str> for NotPassed {
+    fn from(detail: &str) -> NotPassed {
+        NotPassed::Fail(detail.to_string())
+    }
+}
+
+/// A check's detail when it passed.
+type CheckOutcome = Result<String, NotPassed>;
+
+type CheckFuture<'a> = Pin<Box<dyn Future<Output = CheckOutcome> + Send + 'a>>;
 
 impl<'a> Verifier<'a> {
     pub async fn run(&self) -> VerifyReport {
         let hosts = join_all(self.inventory.hosts.iter().map(|host| self.verify_host(host))).await;
-        let ok = hosts.iter().all(|host| host.checks.iter().all(|check| check.status != Status::Fail))
-            && hosts.iter().all(|host| host.checks.iter().any(|check| check.status == Status::Pass));
+        // Only a run in which every check passed is a success: a skipped check proved nothing.
+        let ok = hosts.iter().all(|host| host.checks.iter().all(|check| check.status == Status::Pass));
         VerifyReport { ok, hosts }
     }
 
@@ -125,7 +147,8 @@ impl<'a> Verifier<'a> {
             let duration_ms = started.elapsed().as_millis() as u64;
             match outcome {
                 Ok(detail) => CheckResult { id, status: Status::Pass, detail: self.secrets.redact(&detail), duration_ms },
-                Err(detail) => CheckResult { id, status: Status::Fail, detail: self.secrets.redact(&detail), duration_ms },
+                Err(NotPassed::Fail(detail)) => CheckResult { id, status: Status::Fail, detail: self.secrets.redact(&detail), duration_ms },
+                Err(NotPassed::Skip(detail)) => CheckResult { id, status: Status::Skip, detail: self.secrets.redact(&detail), duration_ms },
             }
         });
         result.checks.extend(join_all(timed).await);
@@ -235,7 +258,7 @@ impl<'a> Verifier<'a> {
         targets
     }
 
-    async fn firewall_rules(&self, host: &Host, remote: &Remote) -> Result<String, String> {
+    async fn firewall_rules(&self, host: &Host, remote: &Remote) -> CheckOutcome {
         let desired = self
             .renderer
             .render_host(self.inventory, host, &Secrets::placeholders(self.inventory))
@@ -250,12 +273,12 @@ impl<'a> Verifier<'a> {
         let missing: Vec<&String> = desired.firewall_rules.iter().filter(|rule| !state.rules.contains(rule)).collect();
         let extra: Vec<&String> = state.rules.iter().filter(|rule| !desired.firewall_rules.contains(rule)).collect();
         if !missing.is_empty() || !extra.is_empty() {
-            return Err(format!("missing rules: {missing:?}; rules not in the inventory: {extra:?}"));
+            return Err(format!("missing rules: {missing:?}; rules not in the inventory: {extra:?}").into());
         }
         Ok(format!("active, incoming denied, {} rules as rendered", state.rules.len()))
     }
 
-    async fn queue_depth(&self, remote: &Remote) -> Result<String, String> {
+    async fn queue_depth(&self, remote: &Remote) -> CheckOutcome {
         let queue = &self.inventory.app.queue;
         let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
 q="$1"; port="$2"
@@ -295,11 +318,11 @@ echo "dead $(cli LLEN "$q:dead")""#;
         if over.is_empty() {
             Ok(shown.join(", "))
         } else {
-            Err(over.join("; "))
+            Err(over.join("; ").into())
         }
     }
 
-    async fn startup_log(&self, remote: &Remote) -> Result<String, String> {
+    async fn startup_log(&self, remote: &Remote) -> CheckOutcome {
         let script = r#"id=$(systemctl show -p InvocationID --value "$1")
 [ -n "$id" ] || { echo "no current run of $1" >&2; exit 1; }
 journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
@@ -312,11 +335,11 @@ journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
         if missing.is_empty() {
             Ok("all 5 startup lines logged by the current run".into())
         } else {
-            Err(format!("missing from the current run's log: {}", missing.join("; ")))
+            Err(format!("missing from the current run's log: {}", missing.join("; ")).into())
         }
     }
 
-    async fn redis_ping(&self, remote: &Remote, address: String) -> Result<String, String> {
+    async fn redis_ping(&self, remote: &Remote, address: String) -> CheckOutcome {
         let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
 exec timeout 10 redis-cli -h "$1" -p "$2" PING"#;
         let port = self.inventory.app.redis.port.to_string();
@@ -326,11 +349,11 @@ exec timeout 10 redis-cli -h "$1" -p "$2" PING"#;
         if reply.trim() == "PONG" {
             Ok(format!("PONG from {address}:{port}"))
         } else {
-            Err(format!("redis-cli PING to {address}:{port} returned {:?}", reply.trim()))
+            Err(format!("redis-cli PING to {address}:{port} returned {:?}", reply.trim()).into())
         }
     }
 
-    async fn select_one(&self, remote: &Remote, address: String) -> Result<String, String> {
+    async fn select_one(&self, remote: &Remote, address: String) -> CheckOutcome {
         let database = &self.inventory.app.database;
         let script = r#"IFS= read -r PGPASSWORD; export PGPASSWORD
 export PGCONNECT_TIMEOUT=10
@@ -346,25 +369,27 @@ exec psql -X -A -t -q -w -h "$1" -p "$2" -U "$3" -d "$4" -c 'SELECT 1'"#;
         if reply.trim() == "1" {
             Ok(format!("SELECT 1 as {} on {address}:{port}/{}", database.user, database.name))
         } else {
-            Err(format!("SELECT 1 returned {:?}", reply.trim()))
+            Err(format!("SELECT 1 returned {:?}", reply.trim()).into())
         }
     }
 
-    async fn binary_hash(&self, remote: &Remote) -> Result<String, String> {
+    async fn binary_hash(&self, remote: &Remote) -> CheckOutcome {
         let path = format!("{}/{}", worker_paths::CURRENT_LINK, worker_paths::BINARY_NAME);
         let output = run(remote, &RemoteCommand::new("sha256sum").arg(&path)).await?;
         let installed = output.split_whitespace().next().unwrap_or_default().to_string();
         let Some(worker) = self.worker else {
-            return Ok(format!("installed {installed}; no local worker binary to compare with"));
+            return Err(NotPassed::Skip(format!(
+                "installed {installed}; no local worker binary to compare with (pass --worker-binary)"
+            )));
         };
         if installed == worker.sha256 {
             Ok(format!("sha256 {} matches {}", &installed[..16], worker.path.display()))
         } else {
-            Err(format!("installed sha256 {installed} differs from {} ({})", worker.sha256, worker.path.display()))
+            Err(format!("installed sha256 {installed} differs from {} ({})", worker.sha256, worker.path.display()).into())
         }
     }
 
-    async fn worker_memory(&self, remote: &Remote) -> Result<String, String> {
+    async fn worker_memory(&self, remote: &Remote) -> CheckOutcome {
         let script = r#"pid=$(systemctl show -p MainPID --value "$1")
 [ "$pid" -gt 0 ] 2>/dev/null || { echo "$1 has no main process" >&2; exit 1; }
 ps -o rss= -p "$pid""#;
@@ -375,13 +400,13 @@ ps -o rss= -p "$pid""#;
         if kib <= budget_mb * 1024 {
             Ok(format!("{mib:.1} MiB resident, budget {budget_mb} MiB"))
         } else {
-            Err(format!("{mib:.1} MiB resident exceeds the budget of {budget_mb} MiB"))
+            Err(format!("{mib:.1} MiB resident exceeds the budget of {budget_mb} MiB").into())
         }
     }
 
     /// Pushes a `verify:probe` job in the web platform's format and waits for the result the
     /// worker writes, which proves a worker really processed it.
-    async fn probe_job(&self, remote: &Remote) -> Result<String, String> {
+    async fn probe_job(&self, remote: &Remote) -> CheckOutcome {
         let app = &self.inventory.app;
         let redis = self.inventory.redis_host();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -422,7 +447,7 @@ exec timeout 10 redis-cli -h "$1" -p "$2" GET "$3""#;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(format!("job {id} pushed to {} was not processed within {} s", app.queue, PROBE_TIMEOUT.as_secs()))
+        Err(format!("job {id} pushed to {} was not processed within {} s", app.queue, PROBE_TIMEOUT.as_secs()).into())
     }
 }
 
@@ -440,36 +465,36 @@ fn units_of(host: &Host) -> Vec<&'static str> {
     units
 }
 
-async fn unit_running(remote: &Remote, unit: &str) -> Result<String, String> {
+async fn unit_running(remote: &Remote, unit: &str) -> CheckOutcome {
     let active = remote.output(&RemoteCommand::new("systemctl").args(["is-active", unit])).await.map_err(|e| error_chain(&e))?;
     let enabled = remote.output(&RemoteCommand::new("systemctl").args(["is-enabled", unit])).await.map_err(|e| error_chain(&e))?;
     let (active, enabled) = (active.stdout.trim().to_string(), enabled.stdout.trim().to_string());
     if active == "active" && enabled == "enabled" {
         Ok(format!("{unit} active and enabled"))
     } else {
-        Err(format!("{unit} is {active} and {enabled}; expected active and enabled"))
+        Err(format!("{unit} is {active} and {enabled}; expected active and enabled").into())
     }
 }
 
-async fn listening(remote: &Remote, host: &Host, port: u16) -> Result<String, String> {
+async fn listening(remote: &Remote, host: &Host, port: u16) -> CheckOutcome {
     let output = run(remote, &RemoteCommand::new("ss").args(["-tlnH"])).await?;
     let wanted = format!("{}:{port}", host.address);
     let found = output.lines().any(|line| line.split_whitespace().nth(3) == Some(wanted.as_str()));
     if found {
         Ok(format!("listening on {wanted}"))
     } else {
-        Err(format!("nothing listens on {wanted}"))
+        Err(format!("nothing listens on {wanted}").into())
     }
 }
 
 /// Passes when a TCP connection from `remote` to `address:port` does not open.
-async fn blocked(remote: &Remote, address: String, port: u16) -> Result<String, String> {
+async fn blocked(remote: &Remote, address: String, port: u16) -> CheckOutcome {
     let script = r#"exec timeout "$3" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2""#;
     let port_text = port.to_string();
     let command = RemoteCommand::script(&format!("connect to {address}:{port}"), script, &[&address, &port_text, BLOCKED_PROBE_SECS]);
     let output = remote.output(&command).await.map_err(|error| error_chain(&error))?;
     if output.success() {
-        Err(format!("a connection to {address}:{port} opened; the firewall must block it"))
+        Err(format!("a connection to {address}:{port} opened; the firewall must block it").into())
     } else {
         Ok(format!("connection to {address}:{port} blocked"))
     }
