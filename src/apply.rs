@@ -39,7 +39,11 @@ pub enum ApplyError {
     #[error(transparent)]
     Ssh(#[from] SshError),
     #[error("{unit} on host {host} did not become ready: {journal}")]
-    NotReady { host: String, unit: String, journal: String },
+    NotReady {
+        host: String,
+        unit: String,
+        journal: String,
+    },
 }
 
 /// Report of apply on one host: its changes, restarts and outcome.
@@ -88,7 +92,11 @@ pub async fn apply_host(
                     report.restarted.push(unit.clone());
                 }
             }
-            Err(ApplyError::NotReady { host, unit, journal }) if unit == worker_paths::UNIT => {
+            Err(ApplyError::NotReady {
+                host,
+                unit,
+                journal,
+            }) if unit == worker_paths::UNIT => {
                 report.changes.push(step.change());
                 let rolled_back = roll_back_worker(remote, &applied, report).await?;
                 if rolled_back {
@@ -97,7 +105,10 @@ pub async fn apply_host(
                     let owed: Vec<&str> = restarts
                         .iter()
                         .copied()
-                        .filter(|unit| *unit != worker_paths::UNIT && !report.restarted.iter().any(|done| done == unit))
+                        .filter(|unit| {
+                            *unit != worker_paths::UNIT
+                                && !report.restarted.iter().any(|done| done == unit)
+                        })
                         .collect();
                     if owed.is_empty() {
                         clear_pending_restarts(remote).await?;
@@ -105,7 +116,11 @@ pub async fn apply_host(
                         record_pending_restarts(remote, &owed).await?;
                     }
                 }
-                return Err(ApplyError::NotReady { host, unit, journal });
+                return Err(ApplyError::NotReady {
+                    host,
+                    unit,
+                    journal,
+                });
             }
             Err(error) => return Err(error),
         }
@@ -139,7 +154,13 @@ async fn run_step(
         Step::CreateSystemUser(user) => {
             let command = RemoteCommand::new("useradd")
                 .args(["--system", "--user-group", "--no-create-home"])
-                .args(["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", user])
+                .args([
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    user,
+                ])
                 .as_root();
             remote.run(&command).await?;
         }
@@ -147,7 +168,12 @@ async fn run_step(
         Step::EnsureLastLine(line) => {
             let current = facts::read_file(remote, &line.path).await?;
             let (content, mode, owner, group) = match &current {
-                Some(file) => (file.content.as_str(), file.mode, file.owner.clone(), file.group.clone()),
+                Some(file) => (
+                    file.content.as_str(),
+                    file.mode,
+                    file.owner.clone(),
+                    file.group.clone(),
+                ),
                 None => ("", 0o644, "root".to_string(), "root".to_string()),
             };
             let file = RenderedFile {
@@ -170,22 +196,48 @@ async fn run_step(
             remote.run(&command).await?;
         }
         Step::DeleteFirewallRule(rule) => {
-            let command = RemoteCommand::new("ufw").arg("delete").args(split_rule(rule)).as_root();
+            let command = RemoteCommand::new("ufw")
+                .arg("delete")
+                .args(split_rule(rule))
+                .as_root();
             remote.run(&command).await?;
         }
         Step::DenyIncomingByDefault => {
-            remote.run(&RemoteCommand::new("ufw").args(["default", "deny", "incoming"]).as_root()).await?;
-            remote.run(&RemoteCommand::new("ufw").args(["default", "allow", "outgoing"]).as_root()).await?;
+            remote
+                .run(
+                    &RemoteCommand::new("ufw")
+                        .args(["default", "deny", "incoming"])
+                        .as_root(),
+                )
+                .await?;
+            remote
+                .run(
+                    &RemoteCommand::new("ufw")
+                        .args(["default", "allow", "outgoing"])
+                        .as_root(),
+                )
+                .await?;
         }
         Step::EnableFirewall => {
-            remote.run(&RemoteCommand::new("ufw").args(["--force", "enable"]).as_root()).await?;
+            remote
+                .run(
+                    &RemoteCommand::new("ufw")
+                        .args(["--force", "enable"])
+                        .as_root(),
+                )
+                .await?;
         }
         Step::EnableService(unit) => systemctl(remote, &["enable", unit], RESTART_TIMEOUT).await?,
         Step::Reload(unit) => systemctl(remote, &["reload", unit], RESTART_TIMEOUT).await?,
         Step::Restart(unit) | Step::Start(unit) => {
-            let verb = if matches!(step, Step::Restart(_)) { "restart" } else { "start" };
+            let verb = if matches!(step, Step::Restart(_)) {
+                "restart"
+            } else {
+                "start"
+            };
             let timeout = if unit == worker_paths::UNIT {
-                Duration::from_secs(inventory.app.worker.ready_timeout_secs) + Duration::from_secs(30)
+                Duration::from_secs(inventory.app.worker.ready_timeout_secs)
+                    + Duration::from_secs(30)
             } else {
                 RESTART_TIMEOUT
             };
@@ -197,7 +249,14 @@ async fn run_step(
 
 async fn install_packages(remote: &Remote, packages: &[String]) -> Result<(), SshError> {
     let install = RemoteCommand::new("env")
-        .args(["DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-install-recommends"])
+        .args([
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+        ])
         .args(packages.iter().cloned())
         .as_root()
         .timeout(PACKAGE_TIMEOUT);
@@ -206,7 +265,10 @@ async fn install_packages(remote: &Remote, packages: &[String]) -> Result<(), Ss
     }
     // A stale package list is the usual cause; refresh it once and try again.
     tracing::info!(host = %remote.host(), "package install failed; refreshing the package lists and retrying once");
-    let update = RemoteCommand::new("apt-get").args(["update", "-q"]).as_root().timeout(PACKAGE_TIMEOUT);
+    let update = RemoteCommand::new("apt-get")
+        .args(["update", "-q"])
+        .as_root()
+        .timeout(PACKAGE_TIMEOUT);
     remote.run(&update).await?;
     remote.run(&install).await?;
     Ok(())
@@ -236,7 +298,10 @@ mv -f -- "$tmp" "$1""#;
 }
 
 fn with_last_line(content: &str, line: &str) -> String {
-    let mut lines: Vec<&str> = content.lines().filter(|existing| existing.trim() != line).collect();
+    let mut lines: Vec<&str> = content
+        .lines()
+        .filter(|existing| existing.trim() != line)
+        .collect();
     while lines.last().is_some_and(|last| last.trim().is_empty()) {
         lines.pop();
     }
@@ -251,7 +316,11 @@ fn with_last_line(content: &str, line: &str) -> String {
 
 /// Uploads the worker binary into its own release directory and points `current` at it.
 /// The running binary is never written over, which would fail with "Text file busy".
-async fn install_release(remote: &Remote, worker: &WorkerBinary, release: &str) -> Result<(), SshError> {
+async fn install_release(
+    remote: &Remote,
+    worker: &WorkerBinary,
+    release: &str,
+) -> Result<(), SshError> {
     let bytes = std::fs::read(&worker.path).map_err(|source| SshError::Failed {
         host: remote.host().to_string(),
         command: format!("read {}", worker.path.display()),
@@ -298,15 +367,26 @@ mv -Tf -- "$2.tmp" "$2""#;
 }
 
 async fn systemctl(remote: &Remote, args: &[&str], timeout: Duration) -> Result<(), SshError> {
-    let command = RemoteCommand::new("systemctl").args(args.iter().copied()).as_root().timeout(timeout);
+    let command = RemoteCommand::new("systemctl")
+        .args(args.iter().copied())
+        .as_root()
+        .timeout(timeout);
     remote.run(&command).await?;
     Ok(())
 }
 
 /// Starts or restarts `unit` and waits for it to be active. With `Type=notify`, systemctl
 /// returns only once the service reported ready or its start timed out.
-async fn start_unit(remote: &Remote, verb: &str, unit: &str, timeout: Duration) -> Result<(), ApplyError> {
-    let command = RemoteCommand::new("systemctl").args([verb, unit]).as_root().timeout(timeout);
+async fn start_unit(
+    remote: &Remote,
+    verb: &str,
+    unit: &str,
+    timeout: Duration,
+) -> Result<(), ApplyError> {
+    let command = RemoteCommand::new("systemctl")
+        .args([verb, unit])
+        .as_root()
+        .timeout(timeout);
     let output = remote.output(&command).await;
     let started = matches!(&output, Ok(output) if output.success());
     if started {
@@ -348,8 +428,16 @@ async fn roll_back_worker(
     });
     let mut restored_any = false;
     for step in applied {
-        if let Step::WriteFile { file, previous: Some(previous) } = step {
-            if file.triggers.iter().any(|t| matches!(t, crate::render::Trigger::Restart(u) if u == worker_paths::UNIT)) {
+        if let Step::WriteFile {
+            file,
+            previous: Some(previous),
+        } = step
+        {
+            if file
+                .triggers
+                .iter()
+                .any(|t| matches!(t, crate::render::Trigger::Restart(u) if u == worker_paths::UNIT))
+            {
                 let mut old = file.clone();
                 old.content = previous.content.clone();
                 old.mode = previous.mode;
@@ -362,7 +450,11 @@ async fn roll_back_worker(
     }
     let previous_release = previous_release.flatten();
     if let Some(previous) = &previous_release {
-        switch_release(remote, &format!("{}/{previous}", worker_paths::RELEASES_DIR)).await?;
+        switch_release(
+            remote,
+            &format!("{}/{previous}", worker_paths::RELEASES_DIR),
+        )
+        .await?;
         restored_any = true;
     }
 
@@ -395,7 +487,13 @@ async fn record_pending_restarts(remote: &Remote, units: &[&str]) -> Result<(), 
 }
 
 async fn clear_pending_restarts(remote: &Remote) -> Result<(), SshError> {
-    remote.run(&RemoteCommand::new("rm").args(["-f", "--", PENDING_RESTARTS_FILE]).as_root()).await?;
+    remote
+        .run(
+            &RemoteCommand::new("rm")
+                .args(["-f", "--", PENDING_RESTARTS_FILE])
+                .as_root(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -428,8 +526,22 @@ mod tests {
     #[test]
     fn split_rule_keeps_quoted_comment() {
         assert_eq!(
-            split_rule("allow from 10.0.0.5 to any port 6379 proto tcp comment 'redis from worker'"),
-            vec!["allow", "from", "10.0.0.5", "to", "any", "port", "6379", "proto", "tcp", "comment", "redis from worker"]
+            split_rule(
+                "allow from 10.0.0.5 to any port 6379 proto tcp comment 'redis from worker'"
+            ),
+            vec![
+                "allow",
+                "from",
+                "10.0.0.5",
+                "to",
+                "any",
+                "port",
+                "6379",
+                "proto",
+                "tcp",
+                "comment",
+                "redis from worker"
+            ]
         );
     }
 

@@ -28,7 +28,13 @@ Exit codes:
 #[command(name = "yametee-deploy", version, after_help = EXIT_CODES)]
 pub struct Cli {
     /// Inventory file describing the hosts.
-    #[arg(short, long, global = true, default_value = "inventory.yaml", env = "YAMETEE_INVENTORY")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "inventory.yaml",
+        env = "YAMETEE_INVENTORY"
+    )]
     pub inventory: PathBuf,
 
     /// Run against the local lab replica (`lab up`) instead of the real hosts: commands run in
@@ -45,7 +51,12 @@ pub struct Cli {
     pub format: Format,
 
     /// Worker binary to install on worker hosts [default: yametee-worker next to this program].
-    #[arg(long, global = true, env = "YAMETEE_WORKER_BINARY", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "YAMETEE_WORKER_BINARY",
+        value_name = "PATH"
+    )]
     pub worker_binary: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -122,11 +133,19 @@ pub struct Fatal {
 
 impl Fatal {
     fn failure(message: impl Into<String>) -> Fatal {
-        Fatal { code: exit::FAILURE, message: message.into(), hint: None }
+        Fatal {
+            code: exit::FAILURE,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     fn usage(message: impl Into<String>) -> Fatal {
-        Fatal { code: exit::USAGE, message: message.into(), hint: None }
+        Fatal {
+            code: exit::USAGE,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     fn hint(mut self, hint: impl Into<String>) -> Fatal {
@@ -138,7 +157,10 @@ impl Fatal {
 /// Work done before the async runtime starts. Entering the lab's network namespace must
 /// happen while the process has one thread, so every later thread and ssh child inherits it.
 pub fn prepare(cli: &Cli) -> Result<Option<LabContext>, Fatal> {
-    let runs_remote = matches!(cli.command, Command::Plan { .. } | Command::Apply | Command::Verify);
+    let runs_remote = matches!(
+        cli.command,
+        Command::Plan { .. } | Command::Apply | Command::Verify
+    );
     if !cli.lab || !runs_remote {
         return Ok(None);
     }
@@ -184,23 +206,36 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             };
             let report = verifier.run().await;
             print!("{}", report::verify(&report, cli.format));
-            Ok(if report.ok { exit::SUCCESS } else { exit::FAILURE })
+            Ok(if report.ok {
+                exit::SUCCESS
+            } else {
+                exit::FAILURE
+            })
         }
     }
 }
 
 fn load_inventory(cli: &Cli) -> Result<Inventory, Fatal> {
-    let mut inventory = Inventory::load(&cli.inventory).map_err(|error| Fatal::usage(error_chain(&error)))?;
+    let mut inventory =
+        Inventory::load(&cli.inventory).map_err(|error| Fatal::usage(error_chain(&error)))?;
     if !cli.limit.is_empty() {
-        inventory.limit_to(&cli.limit).map_err(|error| Fatal::usage(error.to_string()))?;
+        inventory
+            .limit_to(&cli.limit)
+            .map_err(|error| Fatal::usage(error.to_string()))?;
     }
     Ok(inventory)
 }
 
 /// Resolves inventory, secrets, SSH settings and the worker binary before any connection.
-fn deployment(cli: &Cli, lab: Option<&LabContext>, binary_required: bool) -> Result<Deployment, Fatal> {
+fn deployment(
+    cli: &Cli,
+    lab: Option<&LabContext>,
+    binary_required: bool,
+) -> Result<Deployment, Fatal> {
     let inventory = load_inventory(cli)?;
-    let fallback = lab.map(|context| context.secrets.clone()).unwrap_or_default();
+    let fallback = lab
+        .map(|context| context.secrets.clone())
+        .unwrap_or_default();
     let secrets = Secrets::resolve(&inventory, &fallback).map_err(|error| {
         let fatal = Fatal::usage(error_chain(&error));
         if cli.lab {
@@ -217,7 +252,10 @@ fn deployment(cli: &Cli, lab: Option<&LabContext>, binary_required: bool) -> Res
         None => SshOverrides::default(),
     };
 
-    let has_workers = inventory.hosts_with(crate::inventory::Role::Worker).next().is_some();
+    let has_workers = inventory
+        .hosts_with(crate::inventory::Role::Worker)
+        .next()
+        .is_some();
     let worker_path = cli.worker_binary.clone().or_else(default_worker_binary);
     let worker = match worker_path {
         Some(path) if has_workers => match WorkerBinary::load(&path) {
@@ -231,10 +269,19 @@ fn deployment(cli: &Cli, lab: Option<&LabContext>, binary_required: bool) -> Res
         _ => None,
     };
     if has_workers && binary_required && worker.is_none() {
-        return Err(Fatal::failure("no worker binary found next to yametee-deploy")
-            .hint("build it with `cargo build --release --workspace` or pass --worker-binary PATH"));
+        return Err(
+            Fatal::failure("no worker binary found next to yametee-deploy").hint(
+                "build it with `cargo build --release --workspace` or pass --worker-binary PATH",
+            ),
+        );
     }
-    Ok(Deployment { inventory, secrets, ssh, worker, renderer: Renderer::new() })
+    Ok(Deployment {
+        inventory,
+        secrets,
+        ssh,
+        worker,
+        renderer: Renderer::new(),
+    })
 }
 
 fn default_worker_binary() -> Option<PathBuf> {
@@ -246,19 +293,28 @@ fn default_worker_binary() -> Option<PathBuf> {
 fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal> {
     let inventory = load_inventory(cli)?;
     match command {
-        InventoryCommand::Check => {
-            match cli.format {
-                Format::Json => println!("{}", serde_json::json!({ "ok": true, "hosts": inventory.hosts.len() })),
-                _ => println!(
-                    "{}: valid, {} hosts ({})",
-                    cli.inventory.display(),
-                    inventory.hosts.len(),
-                    inventory.hosts.iter().map(|host| host.name.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            }
-        }
+        InventoryCommand::Check => match cli.format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({ "ok": true, "hosts": inventory.hosts.len() })
+            ),
+            _ => println!(
+                "{}: valid, {} hosts ({})",
+                cli.inventory.display(),
+                inventory.hosts.len(),
+                inventory
+                    .hosts
+                    .iter()
+                    .map(|host| host.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
         InventoryCommand::Show => {
-            println!("{}", serde_json::to_string_pretty(&inventory).expect("inventory serializes"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&inventory).expect("inventory serializes")
+            );
         }
     }
     Ok(exit::SUCCESS)
@@ -280,18 +336,26 @@ fn render(cli: &Cli, out: Option<&Path>) -> Result<u8, Fatal> {
                     write_local(&target, &file.content)?;
                     written += 1;
                 }
-                None => print!("==> {}:{} ({:04o} {}:{}) <==\n{}\n", host.name, file.path, file.mode, file.owner, file.group, file.content),
+                None => print!(
+                    "==> {}:{} ({:04o} {}:{}) <==\n{}\n",
+                    host.name, file.path, file.mode, file.owner, file.group, file.content
+                ),
             }
         }
     }
     if let Some(dir) = out {
-        eprintln!("wrote {written} files for {} hosts under {}", inventory.hosts.len(), dir.display());
+        eprintln!(
+            "wrote {written} files for {} hosts under {}",
+            inventory.hosts.len(),
+            dir.display()
+        );
     }
     Ok(exit::SUCCESS)
 }
 
 fn write_local(path: &Path, content: &str) -> Result<(), Fatal> {
-    let fail = |error: std::io::Error| Fatal::failure(format!("cannot write {}: {error}", path.display()));
+    let fail =
+        |error: std::io::Error| Fatal::failure(format!("cannot write {}: {error}", path.display()));
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(fail)?;
     }
@@ -319,7 +383,10 @@ fn lab_spec(inventory: &Inventory) -> LabSpec {
         })
         .collect();
     secret_env_names.dedup();
-    LabSpec { hosts, secret_env_names }
+    LabSpec {
+        hosts,
+        secret_env_names,
+    }
 }
 
 fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
@@ -329,7 +396,11 @@ fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
             let inventory = load_inventory(cli)?;
             let status = lab::up(&lab_spec(&inventory)).map_err(lab_error)?;
             print_lab_status(&status, cli.format);
-            Ok(if status.is_ready() { exit::SUCCESS } else { exit::FAILURE })
+            Ok(if status.is_ready() {
+                exit::SUCCESS
+            } else {
+                exit::FAILURE
+            })
         }
         LabCommand::Down => {
             lab::down().map_err(lab_error)?;
@@ -339,19 +410,30 @@ fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
         LabCommand::Status => {
             let status = lab::status().map_err(lab_error)?;
             print_lab_status(&status, cli.format);
-            Ok(if status.is_ready() { exit::SUCCESS } else { exit::FAILURE })
+            Ok(if status.is_ready() {
+                exit::SUCCESS
+            } else {
+                exit::FAILURE
+            })
         }
         LabCommand::Ssh { host, command } => {
             let mut ssh = lab::ssh_command(host, command).map_err(lab_error)?;
-            let status = ssh.status().map_err(|error| Fatal::failure(format!("cannot run ssh: {error}")))?;
-            Ok(status.code().map_or(exit::FAILURE, |code| code.clamp(0, 255) as u8))
+            let status = ssh
+                .status()
+                .map_err(|error| Fatal::failure(format!("cannot run ssh: {error}")))?;
+            Ok(status
+                .code()
+                .map_or(exit::FAILURE, |code| code.clamp(0, 255) as u8))
         }
     }
 }
 
 fn print_lab_status(status: &lab::LabStatus, format: Format) {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(status).expect("lab status serializes")),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(status).expect("lab status serializes")
+        ),
         _ => print!("{status}"),
     }
 }

@@ -70,7 +70,10 @@ impl Deployment {
         let worker = self.worker_for(host);
         if let Some(reason) = worker.and_then(|worker| worker.incompatibility(&facts.platform)) {
             remote.close().await;
-            return Err(format!("host {} cannot run the worker binary: {reason}", host.name));
+            return Err(format!(
+                "host {} cannot run the worker binary: {reason}",
+                host.name
+            ));
         }
         let plan = plan::plan_host(&desired, &facts, worker);
         Ok((remote, desired, plan))
@@ -102,7 +105,14 @@ impl Deployment {
                 report.changes = plan.changes();
                 report.diffs = plan.diffs(&self.secrets);
                 if self.inventory.postgres_host().name == host.name {
-                    match crate::postgres::ensure_access(&remote, &self.inventory, &self.secrets, true).await {
+                    match crate::postgres::ensure_access(
+                        &remote,
+                        &self.inventory,
+                        &self.secrets,
+                        true,
+                    )
+                    .await
+                    {
                         Ok(changes) => report.changes.extend(changes),
                         Err(error) => report.error = Some(error_chain(&error)),
                     }
@@ -154,7 +164,12 @@ impl Deployment {
             }
         }
         // Report hosts in inventory order whatever order the tiers ran in.
-        let order: Vec<&str> = self.inventory.hosts.iter().map(|host| host.name.as_str()).collect();
+        let order: Vec<&str> = self
+            .inventory
+            .hosts
+            .iter()
+            .map(|host| host.name.as_str())
+            .collect();
         reports.sort_by_key(|report| order.iter().position(|name| *name == report.name));
         reports
     }
@@ -170,12 +185,24 @@ impl Deployment {
             }
         };
         let worker = self.worker_for(host);
-        let result = apply::apply_host(&remote, &self.inventory, &plan, &self.secrets, worker, &mut report).await;
+        let result = apply::apply_host(
+            &remote,
+            &self.inventory,
+            &plan,
+            &self.secrets,
+            worker,
+            &mut report,
+        )
+        .await;
         remote.close().await;
 
         match result {
             Ok(()) => {
-                report.outcome = if report.changes.is_empty() { Outcome::Unchanged } else { Outcome::Changed };
+                report.outcome = if report.changes.is_empty() {
+                    Outcome::Unchanged
+                } else {
+                    Outcome::Changed
+                };
                 tracing::info!(host = %host.name, changes = report.changes.len(), "applied");
             }
             Err(error) => {
@@ -203,7 +230,10 @@ fn empty_report(host: &Host) -> HostReport {
 }
 
 pub fn role_names(host: &Host) -> Vec<String> {
-    host.roles.iter().map(|role| role.as_str().to_string()).collect()
+    host.roles
+        .iter()
+        .map(|role| role.as_str().to_string())
+        .collect()
 }
 
 /// Formats an error and its causes on one line: "a: b: c".

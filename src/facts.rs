@@ -60,11 +60,19 @@ pub struct HostFacts {
 
 /// Reads everything `plan` compares against `desired`.
 pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts, SshError> {
-    let mut paths: BTreeSet<&str> = desired.files.iter().map(|file| file.path.as_str()).collect();
+    let mut paths: BTreeSet<&str> = desired
+        .files
+        .iter()
+        .map(|file| file.path.as_str())
+        .collect();
     paths.extend(desired.last_lines.iter().map(|line| line.path.as_str()));
     let files = try_join_all(paths.iter().map(|path| read_file(remote, path)));
 
-    let units: Vec<&str> = desired.services.iter().map(|service| service.unit.as_str()).collect();
+    let units: Vec<&str> = desired
+        .services
+        .iter()
+        .map(|service| service.unit.as_str())
+        .collect();
     let (files, missing_packages, missing_users, services, firewall, pending, platform) = tokio::try_join!(
         files,
         missing_packages(remote, &desired.packages),
@@ -82,7 +90,11 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
     };
 
     Ok(HostFacts {
-        files: paths.iter().map(|path| path.to_string()).zip(files).collect(),
+        files: paths
+            .iter()
+            .map(|path| path.to_string())
+            .zip(files)
+            .collect(),
         missing_packages,
         missing_users,
         services,
@@ -95,7 +107,8 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
 
 /// Reads a file as root; `None` when it does not exist.
 pub async fn read_file(remote: &Remote, path: &str) -> Result<Option<RemoteFile>, SshError> {
-    let script = r#"if [ -e "$1" ]; then stat -c '%a %U %G' -- "$1" && cat -- "$1"; else echo missing; fi"#;
+    let script =
+        r#"if [ -e "$1" ]; then stat -c '%a %U %G' -- "$1" && cat -- "$1"; else echo missing; fi"#;
     let command = RemoteCommand::script(&format!("read {path}"), script, &[path]).as_root();
     let output = remote.run(&command).await?;
     Ok(parse_file_listing(&output))
@@ -107,7 +120,12 @@ fn parse_file_listing(output: &str) -> Option<RemoteFile> {
     let mode = u32::from_str_radix(fields.next()?, 8).ok()?;
     let owner = fields.next()?.to_string();
     let group = fields.next()?.to_string();
-    Some(RemoteFile { mode, owner, group, content: content.to_string() })
+    Some(RemoteFile {
+        mode,
+        owner,
+        group,
+        content: content.to_string(),
+    })
 }
 
 async fn missing_packages(remote: &Remote, packages: &[String]) -> Result<Vec<String>, SshError> {
@@ -126,13 +144,19 @@ async fn missing_packages(remote: &Remote, packages: &[String]) -> Result<Vec<St
         .filter(|(_, status)| *status == "installed")
         .map(|(name, _)| name)
         .collect();
-    Ok(packages.iter().filter(|package| !installed.contains(package.as_str())).cloned().collect())
+    Ok(packages
+        .iter()
+        .filter(|package| !installed.contains(package.as_str()))
+        .cloned()
+        .collect())
 }
 
 async fn missing_users(remote: &Remote, users: &[String]) -> Result<Vec<String>, SshError> {
     let mut missing = Vec::new();
     for user in users {
-        let output = remote.output(&RemoteCommand::new("getent").args(["passwd", user])).await?;
+        let output = remote
+            .output(&RemoteCommand::new("getent").args(["passwd", user]))
+            .await?;
         if !output.success() {
             missing.push(user.clone());
         }
@@ -146,19 +170,34 @@ async fn service_states(
 ) -> Result<BTreeMap<String, ServiceState>, SshError> {
     let mut states = BTreeMap::new();
     for unit in units {
-        let enabled = remote.output(&RemoteCommand::new("systemctl").args(["is-enabled", unit])).await?;
-        let active = remote.output(&RemoteCommand::new("systemctl").args(["is-active", unit])).await?;
-        states.insert(unit.to_string(), ServiceState {
-            enabled: enabled.stdout.trim() == "enabled",
-            active: active.stdout.trim() == "active",
-        });
+        let enabled = remote
+            .output(&RemoteCommand::new("systemctl").args(["is-enabled", unit]))
+            .await?;
+        let active = remote
+            .output(&RemoteCommand::new("systemctl").args(["is-active", unit]))
+            .await?;
+        states.insert(
+            unit.to_string(),
+            ServiceState {
+                enabled: enabled.stdout.trim() == "enabled",
+                active: active.stdout.trim() == "active",
+            },
+        );
     }
     Ok(states)
 }
 
 pub async fn firewall_state(remote: &Remote) -> Result<FirewallState, SshError> {
-    let status = remote.run(&RemoteCommand::new("ufw").args(["status", "verbose"]).as_root()).await?;
-    let added = remote.run(&RemoteCommand::new("ufw").args(["show", "added"]).as_root()).await?;
+    let status = remote
+        .run(
+            &RemoteCommand::new("ufw")
+                .args(["status", "verbose"])
+                .as_root(),
+        )
+        .await?;
+    let added = remote
+        .run(&RemoteCommand::new("ufw").args(["show", "added"]).as_root())
+        .await?;
     Ok(parse_firewall(&status, &added))
 }
 
@@ -172,29 +211,54 @@ fn parse_firewall(status: &str, added: &str) -> FirewallState {
         .filter_map(|line| line.trim().strip_prefix("ufw "))
         .map(String::from)
         .collect();
-    FirewallState { active, incoming_denied, rules }
+    FirewallState {
+        active,
+        incoming_denied,
+        rules,
+    }
 }
 
 async fn pending_restarts(remote: &Remote) -> Result<BTreeSet<String>, SshError> {
     let file = read_file(remote, PENDING_RESTARTS_FILE).await?;
     Ok(file
-        .map(|file| file.content.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        .map(|file| {
+            file.content
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default())
 }
 
 async fn platform(remote: &Remote) -> Result<Platform, SshError> {
-    let machine = remote.run(&RemoteCommand::new("uname").arg("-m")).await?.trim().to_string();
-    let libc = remote.output(&RemoteCommand::new("getconf").arg("GNU_LIBC_VERSION")).await?;
+    let machine = remote
+        .run(&RemoteCommand::new("uname").arg("-m"))
+        .await?
+        .trim()
+        .to_string();
+    let libc = remote
+        .output(&RemoteCommand::new("getconf").arg("GNU_LIBC_VERSION"))
+        .await?;
     let glibc = libc.stdout.trim().strip_prefix("glibc ").map(String::from);
     Ok(Platform { machine, glibc })
 }
 
 async fn current_release(remote: &Remote) -> Result<Option<String>, SshError> {
-    let output = remote.output(&RemoteCommand::new("readlink").arg(worker_paths::CURRENT_LINK)).await?;
+    let output = remote
+        .output(&RemoteCommand::new("readlink").arg(worker_paths::CURRENT_LINK))
+        .await?;
     if !output.success() {
         return Ok(None);
     }
-    Ok(output.stdout.trim().rsplit('/').next().map(String::from).filter(|name| !name.is_empty()))
+    Ok(output
+        .stdout
+        .trim()
+        .rsplit('/')
+        .next()
+        .map(String::from)
+        .filter(|name| !name.is_empty()))
 }
 
 #[cfg(test)]
@@ -217,9 +281,15 @@ mod tests {
         let state = parse_firewall(status, added);
         assert!(state.active);
         assert!(state.incoming_denied);
-        assert_eq!(state.rules, vec!["allow 22/tcp comment 'ssh'", "allow 80/tcp"]);
+        assert_eq!(
+            state.rules,
+            vec!["allow 22/tcp comment 'ssh'", "allow 80/tcp"]
+        );
 
-        let inactive = parse_firewall("Status: inactive\n", "Added user rules (see 'ufw status' for running firewall):\n(None)\n");
+        let inactive = parse_firewall(
+            "Status: inactive\n",
+            "Added user rules (see 'ufw status' for running firewall):\n(None)\n",
+        );
         assert!(!inactive.active);
         assert!(inactive.rules.is_empty());
     }

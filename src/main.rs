@@ -14,7 +14,10 @@ fn main() -> ExitCode {
         Ok(context) => context,
         Err(fatal) => return cli::finish(Err(fatal)),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

@@ -39,9 +39,13 @@ pub enum BinaryError {
 
 impl WorkerBinary {
     pub fn load(path: &Path) -> Result<WorkerBinary, BinaryError> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| BinaryError::Read { path: path.to_path_buf(), source })?;
-        let not_elf = || BinaryError::NotElf { path: path.to_path_buf() };
+        let bytes = std::fs::read(path).map_err(|source| BinaryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let not_elf = || BinaryError::NotElf {
+            path: path.to_path_buf(),
+        };
         let machine = elf_machine(&bytes).ok_or_else(not_elf)?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         Ok(WorkerBinary {
@@ -65,7 +69,9 @@ impl WorkerBinary {
             return None;
         };
         let Some(host_glibc) = platform.glibc.as_deref() else {
-            return Some(format!("the worker binary needs glibc {major}.{minor} but the host has no glibc"));
+            return Some(format!(
+                "the worker binary needs glibc {major}.{minor} but the host has no glibc"
+            ));
         };
         match parse_version(host_glibc) {
             Some(have) if have >= (major, minor) => None,
@@ -115,9 +121,15 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
 pub enum Step {
     InstallPackages(Vec<String>),
     CreateSystemUser(String),
-    WriteFile { file: RenderedFile, previous: Option<RemoteFile> },
+    WriteFile {
+        file: RenderedFile,
+        previous: Option<RemoteFile>,
+    },
     EnsureLastLine(EnsuredLastLine),
-    InstallRelease { release: String, previous: Option<String> },
+    InstallRelease {
+        release: String,
+        previous: Option<String>,
+    },
     DaemonReload,
     AddFirewallRule(String),
     DenyIncomingByDefault,
@@ -140,21 +152,30 @@ pub struct Change {
 impl Step {
     pub fn change(&self) -> Change {
         let (kind, target, action) = match self {
-            Step::InstallPackages(packages) => ("package", packages.join(" "), "install".to_string()),
+            Step::InstallPackages(packages) => {
+                ("package", packages.join(" "), "install".to_string())
+            }
             Step::CreateSystemUser(user) => ("user", user.clone(), "create".into()),
             Step::WriteFile { file, previous } => {
                 let action = match previous {
                     None => "create".to_string(),
-                    Some(previous) if previous.content == file.content => format!(
-                        "set mode {:04o} {}:{}",
-                        file.mode, file.owner, file.group
-                    ),
+                    Some(previous) if previous.content == file.content => {
+                        format!("set mode {:04o} {}:{}", file.mode, file.owner, file.group)
+                    }
                     Some(_) => "update".into(),
                 };
                 ("file", file.path.clone(), action)
             }
-            Step::EnsureLastLine(line) => ("file", format!("{} (last line `{}`)", line.path, line.line), "update".into()),
-            Step::InstallRelease { release, .. } => ("release", format!("{}/{release}", worker_paths::RELEASES_DIR), "install and switch".into()),
+            Step::EnsureLastLine(line) => (
+                "file",
+                format!("{} (last line `{}`)", line.path, line.line),
+                "update".into(),
+            ),
+            Step::InstallRelease { release, .. } => (
+                "release",
+                format!("{}/{release}", worker_paths::RELEASES_DIR),
+                "install and switch".into(),
+            ),
             Step::DaemonReload => ("service", "systemd".into(), "daemon-reload".into()),
             Step::AddFirewallRule(rule) => ("firewall", rule.clone(), "add".into()),
             Step::DenyIncomingByDefault => ("firewall", "default incoming".into(), "deny".into()),
@@ -165,7 +186,11 @@ impl Step {
             Step::Reload(unit) => ("service", unit.clone(), "reload".into()),
             Step::Start(unit) => ("service", unit.clone(), "start".into()),
         };
-        Change { kind, target, action }
+        Change {
+            kind,
+            target,
+            action,
+        }
     }
 }
 
@@ -190,7 +215,9 @@ impl HostPlan {
         self.steps
             .iter()
             .filter_map(|step| match step {
-                Step::WriteFile { file, previous } => Some(file_diff(file, previous.as_ref(), secrets)),
+                Step::WriteFile { file, previous } => {
+                    Some(file_diff(file, previous.as_ref(), secrets))
+                }
                 _ => None,
             })
             .collect()
@@ -198,9 +225,15 @@ impl HostPlan {
 }
 
 fn file_diff(file: &RenderedFile, previous: Option<&RemoteFile>, secrets: &Secrets) -> String {
-    let old = previous.map(|previous| secrets.redact(&previous.content)).unwrap_or_default();
+    let old = previous
+        .map(|previous| secrets.redact(&previous.content))
+        .unwrap_or_default();
     let new = secrets.redact(&file.content);
-    let old_name = if previous.is_some() { file.path.clone() } else { "/dev/null".into() };
+    let old_name = if previous.is_some() {
+        file.path.clone()
+    } else {
+        "/dev/null".into()
+    };
     let mut text = similar::TextDiff::from_lines(&old, &new)
         .unified_diff()
         .context_radius(3)
@@ -213,7 +246,13 @@ fn file_diff(file: &RenderedFile, previous: Option<&RemoteFile>, secrets: &Secre
             }
             Some(previous) => format!(
                 "{}: mode {:04o} {}:{} -> {:04o} {}:{}\n",
-                file.path, previous.mode, previous.owner, previous.group, file.mode, file.owner, file.group
+                file.path,
+                previous.mode,
+                previous.owner,
+                previous.group,
+                file.mode,
+                file.owner,
+                file.group
             ),
             None => format!("{}: new empty file\n", file.path),
         };
@@ -222,25 +261,30 @@ fn file_diff(file: &RenderedFile, previous: Option<&RemoteFile>, secrets: &Secre
 }
 
 /// Computes the steps that take a host from `facts` to `desired`.
-pub fn plan_host(desired: &DesiredHost, facts: &HostFacts, worker: Option<&WorkerBinary>) -> HostPlan {
+pub fn plan_host(
+    desired: &DesiredHost,
+    facts: &HostFacts,
+    worker: Option<&WorkerBinary>,
+) -> HostPlan {
     let mut steps = Vec::new();
     let mut restarts: BTreeSet<String> = facts.pending_restarts.clone();
     let mut reloads: BTreeSet<String> = BTreeSet::new();
     let mut daemon_reload = false;
-    let mut collect = |triggers: &[Trigger], restarts: &mut BTreeSet<String>, daemon_reload: &mut bool| {
-        for trigger in triggers {
-            match trigger {
-                Trigger::Restart(unit) => {
-                    restarts.insert(unit.clone());
+    let mut collect =
+        |triggers: &[Trigger], restarts: &mut BTreeSet<String>, daemon_reload: &mut bool| {
+            for trigger in triggers {
+                match trigger {
+                    Trigger::Restart(unit) => {
+                        restarts.insert(unit.clone());
+                    }
+                    Trigger::Reload(unit) => {
+                        reloads.insert(unit.clone());
+                    }
+                    Trigger::DaemonReload => *daemon_reload = true,
+                    Trigger::SyncFirewall => {}
                 }
-                Trigger::Reload(unit) => {
-                    reloads.insert(unit.clone());
-                }
-                Trigger::DaemonReload => *daemon_reload = true,
-                Trigger::SyncFirewall => {}
             }
-        }
-    };
+        };
 
     if !facts.missing_packages.is_empty() {
         steps.push(Step::InstallPackages(facts.missing_packages.clone()));
@@ -260,17 +304,27 @@ pub fn plan_host(desired: &DesiredHost, facts: &HostFacts, worker: Option<&Worke
         if in_sync {
             continue;
         }
-        let content_changed = previous.as_ref().is_none_or(|current| current.content != file.content);
+        let content_changed = previous
+            .as_ref()
+            .is_none_or(|current| current.content != file.content);
         if content_changed {
             collect(&file.triggers, &mut restarts, &mut daemon_reload);
         }
-        steps.push(Step::WriteFile { file: file.clone(), previous });
+        steps.push(Step::WriteFile {
+            file: file.clone(),
+            previous,
+        });
     }
 
     for line in &desired.last_lines {
         let current = facts.files.get(&line.path).cloned().flatten();
         let ends_with_line = current.as_ref().is_some_and(|file| {
-            file.content.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim) == Some(line.line.as_str())
+            file.content
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::trim)
+                == Some(line.line.as_str())
         });
         if !ends_with_line {
             collect(&line.triggers, &mut restarts, &mut daemon_reload);
@@ -295,13 +349,21 @@ pub fn plan_host(desired: &DesiredHost, facts: &HostFacts, worker: Option<&Worke
     plan_firewall(desired, facts, &mut steps);
 
     for service in &desired.services {
-        let state = facts.services.get(&service.unit).copied().unwrap_or_default();
+        let state = facts
+            .services
+            .get(&service.unit)
+            .copied()
+            .unwrap_or_default();
         if !state.enabled {
             steps.push(Step::EnableService(service.unit.clone()));
         }
     }
     for service in &desired.services {
-        let state = facts.services.get(&service.unit).copied().unwrap_or_default();
+        let state = facts
+            .services
+            .get(&service.unit)
+            .copied()
+            .unwrap_or_default();
         if restarts.contains(&service.unit) {
             steps.push(Step::Restart(service.unit.clone()));
         } else if !state.active {
@@ -312,7 +374,10 @@ pub fn plan_host(desired: &DesiredHost, facts: &HostFacts, worker: Option<&Worke
     }
     // A pending restart of a unit this host no longer manages is dropped with the pending file.
 
-    HostPlan { host: desired.name.clone(), steps }
+    HostPlan {
+        host: desired.name.clone(),
+        steps,
+    }
 }
 
 fn plan_firewall(desired: &DesiredHost, facts: &HostFacts, steps: &mut Vec<Step>) {
@@ -356,20 +421,31 @@ mod tests {
                 triggers: vec![Trigger::Restart("redis-server.service".into())],
             }],
             last_lines: vec![],
-            services: vec![Service { unit: "redis-server.service".into() }],
+            services: vec![Service {
+                unit: "redis-server.service".into(),
+            }],
             firewall_rules: vec!["allow 22/tcp comment 'ssh'".into()],
         }
     }
 
     fn converged_facts() -> HostFacts {
         let mut facts = HostFacts::default();
-        facts.files.insert("/etc/redis/yametee.conf".into(), Some(RemoteFile {
-            mode: 0o640,
-            owner: "redis".into(),
-            group: "redis".into(),
-            content: "bind 10.0.0.1\n".into(),
-        }));
-        facts.services.insert("redis-server.service".into(), ServiceState { enabled: true, active: true });
+        facts.files.insert(
+            "/etc/redis/yametee.conf".into(),
+            Some(RemoteFile {
+                mode: 0o640,
+                owner: "redis".into(),
+                group: "redis".into(),
+                content: "bind 10.0.0.1\n".into(),
+            }),
+        );
+        facts.services.insert(
+            "redis-server.service".into(),
+            ServiceState {
+                enabled: true,
+                active: true,
+            },
+        );
         facts.firewall = FirewallState {
             active: true,
             incoming_denied: true,
@@ -379,7 +455,10 @@ mod tests {
     }
 
     fn actions(plan: &HostPlan) -> Vec<String> {
-        plan.changes().into_iter().map(|c| format!("{} {} {}", c.kind, c.target, c.action)).collect()
+        plan.changes()
+            .into_iter()
+            .map(|c| format!("{} {} {}", c.kind, c.target, c.action))
+            .collect()
     }
 
     #[test]
@@ -391,20 +470,38 @@ mod tests {
     #[test]
     fn changed_file_restarts_its_service() {
         let mut facts = converged_facts();
-        facts.files.get_mut("/etc/redis/yametee.conf").unwrap().as_mut().unwrap().content = "bind 127.0.0.1\n".into();
+        facts
+            .files
+            .get_mut("/etc/redis/yametee.conf")
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .content = "bind 127.0.0.1\n".into();
         let plan = plan_host(&desired(), &facts, None);
-        assert_eq!(actions(&plan), vec![
-            "file /etc/redis/yametee.conf update",
-            "service redis-server.service restart",
-        ]);
+        assert_eq!(
+            actions(&plan),
+            vec![
+                "file /etc/redis/yametee.conf update",
+                "service redis-server.service restart",
+            ]
+        );
     }
 
     #[test]
     fn mode_change_rewrites_without_restart() {
         let mut facts = converged_facts();
-        facts.files.get_mut("/etc/redis/yametee.conf").unwrap().as_mut().unwrap().mode = 0o644;
+        facts
+            .files
+            .get_mut("/etc/redis/yametee.conf")
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .mode = 0o644;
         let plan = plan_host(&desired(), &facts, None);
-        assert_eq!(actions(&plan), vec!["file /etc/redis/yametee.conf set mode 0640 redis:redis"]);
+        assert_eq!(
+            actions(&plan),
+            vec!["file /etc/redis/yametee.conf set mode 0640 redis:redis"]
+        );
     }
 
     #[test]
@@ -424,35 +521,52 @@ mod tests {
             rules: vec!["allow 6379/tcp".into()],
         };
         let plan = plan_host(&desired(), &facts, None);
-        assert_eq!(actions(&plan), vec![
-            "firewall allow 22/tcp comment 'ssh' add",
-            "firewall default incoming deny",
-            "firewall ufw enable",
-            "firewall allow 6379/tcp delete",
-        ]);
+        assert_eq!(
+            actions(&plan),
+            vec![
+                "firewall allow 22/tcp comment 'ssh' add",
+                "firewall default incoming deny",
+                "firewall ufw enable",
+                "firewall allow 6379/tcp delete",
+            ]
+        );
     }
 
     #[test]
     fn stopped_service_is_started_and_enabled() {
         let mut facts = converged_facts();
-        facts.services.insert("redis-server.service".into(), ServiceState::default());
+        facts
+            .services
+            .insert("redis-server.service".into(), ServiceState::default());
         let plan = plan_host(&desired(), &facts, None);
-        assert_eq!(actions(&plan), vec![
-            "service redis-server.service enable",
-            "service redis-server.service start",
-        ]);
+        assert_eq!(
+            actions(&plan),
+            vec![
+                "service redis-server.service enable",
+                "service redis-server.service start",
+            ]
+        );
     }
 
     #[test]
     fn diff_redacts_secrets() {
         let mut facts = converged_facts();
-        facts.files.get_mut("/etc/redis/yametee.conf").unwrap().as_mut().unwrap().content = "requirepass old\n".into();
+        facts
+            .files
+            .get_mut("/etc/redis/yametee.conf")
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .content = "requirepass old\n".into();
         let mut desired = desired();
         desired.files[0].content = "requirepass s3cret-value\n".into();
         let plan = plan_host(&desired, &facts, None);
         let secrets = Secrets::for_tests(&[("app.redis.password", "s3cret-value")]);
         let diff = plan.diffs(&secrets).join("");
-        assert!(diff.contains("+requirepass <secret:app.redis.password>"), "{diff}");
+        assert!(
+            diff.contains("+requirepass <secret:app.redis.password>"),
+            "{diff}"
+        );
         assert!(!diff.contains("s3cret-value"), "{diff}");
     }
 
@@ -465,17 +579,33 @@ mod tests {
             machine: "x86_64".into(),
             min_glibc: Some((2, 34)),
         };
-        let old = crate::facts::Platform { machine: "x86_64".into(), glibc: Some("2.31".into()) };
-        let arm = crate::facts::Platform { machine: "aarch64".into(), glibc: Some("2.36".into()) };
-        let good = crate::facts::Platform { machine: "x86_64".into(), glibc: Some("2.36".into()) };
-        assert!(binary.incompatibility(&old).unwrap().contains("needs glibc 2.34"));
-        assert!(binary.incompatibility(&arm).unwrap().contains("built for x86_64"));
+        let old = crate::facts::Platform {
+            machine: "x86_64".into(),
+            glibc: Some("2.31".into()),
+        };
+        let arm = crate::facts::Platform {
+            machine: "aarch64".into(),
+            glibc: Some("2.36".into()),
+        };
+        let good = crate::facts::Platform {
+            machine: "x86_64".into(),
+            glibc: Some("2.36".into()),
+        };
+        assert!(binary
+            .incompatibility(&old)
+            .unwrap()
+            .contains("needs glibc 2.34"));
+        assert!(binary
+            .incompatibility(&arm)
+            .unwrap()
+            .contains("built for x86_64"));
         assert_eq!(binary.incompatibility(&good), None);
     }
 
     #[test]
     fn own_test_binary_is_readable_elf() {
-        let binary = WorkerBinary::load(&std::env::current_exe().unwrap()).expect("test binary is ELF");
+        let binary =
+            WorkerBinary::load(&std::env::current_exe().unwrap()).expect("test binary is ELF");
         assert_eq!(binary.machine, std::env::consts::ARCH);
         assert!(binary.min_glibc.is_some());
     }

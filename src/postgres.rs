@@ -25,7 +25,10 @@ pub async fn ensure_access(
         // The server starts during apply; until then nothing can be checked.
         return Ok(vec![Change {
             kind: "postgres",
-            target: format!("role {} and database {} (checked once the server runs)", database.user, database.name),
+            target: format!(
+                "role {} and database {} (checked once the server runs)",
+                database.user, database.name
+            ),
             action: "ensure".into(),
         }]);
     }
@@ -65,7 +68,11 @@ pub async fn ensure_access(
             sql_identifier(&database.name),
             sql_identifier(&database.user)
         ));
-        changes.push(Change { kind: "postgres", target: format!("database {}", database.name), action: "create".into() });
+        changes.push(Change {
+            kind: "postgres",
+            target: format!("database {}", database.name),
+            action: "create".into(),
+        });
     }
 
     if sql.is_empty() || dry_run {
@@ -77,7 +84,11 @@ pub async fn ensure_access(
 }
 
 fn change(user: &str, action: &str) -> Change {
-    Change { kind: "postgres", target: format!("role {user}"), action: action.into() }
+    Change {
+        kind: "postgres",
+        target: format!("role {user}"),
+        action: action.into(),
+    }
 }
 
 fn psql_as_postgres() -> RemoteCommand {
@@ -91,13 +102,21 @@ fn psql_as_postgres() -> RemoteCommand {
 }
 
 /// Whether the application user can log in over TCP with the secret password.
-async fn password_works(remote: &Remote, inventory: &Inventory, password: &str) -> Result<bool, SshError> {
+async fn password_works(
+    remote: &Remote,
+    inventory: &Inventory,
+    password: &str,
+) -> Result<bool, SshError> {
     let database = &inventory.app.database;
     let port = database.port.to_string();
     let script = r#"IFS= read -r PGPASSWORD; export PGPASSWORD
 exec psql -X -A -t -q -w -h 127.0.0.1 -p "$1" -U "$2" -d "$3" -c 'SELECT 1'"#;
-    let command = RemoteCommand::script("check the database password", script, &[&port, &database.user, &database.name])
-        .stdin(format!("{password}\n"));
+    let command = RemoteCommand::script(
+        "check the database password",
+        script,
+        &[&port, &database.user, &database.name],
+    )
+    .stdin(format!("{password}\n"));
     let output = remote.output(&command).await?;
     Ok(output.success() && output.stdout.trim() == "1")
 }

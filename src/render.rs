@@ -105,14 +105,35 @@ pub struct RenderError {
 
 /// Templates are compiled into the binary, so the installed tool needs no template directory.
 const TEMPLATES: &[(&str, &str)] = &[
-    ("common/ufw.rules", include_str!("../templates/common/ufw.rules.j2")),
-    ("postgres/yametee.conf", include_str!("../templates/postgres/yametee.conf.j2")),
-    ("postgres/pg_hba.conf", include_str!("../templates/postgres/pg_hba.conf.j2")),
-    ("redis/yametee.conf", include_str!("../templates/redis/yametee.conf.j2")),
-    ("worker/yametee-worker.service", include_str!("../templates/worker/yametee-worker.service.j2")),
-    ("worker/worker.env", include_str!("../templates/worker/worker.env.j2")),
+    (
+        "common/ufw.rules",
+        include_str!("../templates/common/ufw.rules.j2"),
+    ),
+    (
+        "postgres/yametee.conf",
+        include_str!("../templates/postgres/yametee.conf.j2"),
+    ),
+    (
+        "postgres/pg_hba.conf",
+        include_str!("../templates/postgres/pg_hba.conf.j2"),
+    ),
+    (
+        "redis/yametee.conf",
+        include_str!("../templates/redis/yametee.conf.j2"),
+    ),
+    (
+        "worker/yametee-worker.service",
+        include_str!("../templates/worker/yametee-worker.service.j2"),
+    ),
+    (
+        "worker/worker.env",
+        include_str!("../templates/worker/worker.env.j2"),
+    ),
     ("web/web.env", include_str!("../templates/web/web.env.j2")),
-    ("web/yametee-web.service", include_str!("../templates/web/yametee-web.service.j2")),
+    (
+        "web/yametee-web.service",
+        include_str!("../templates/web/yametee-web.service.j2"),
+    ),
 ];
 
 /// Debian packages each role needs.
@@ -149,7 +170,8 @@ impl Renderer {
         env.set_keep_trailing_newline(true);
         env.add_filter("redis_quote", redis_quote);
         for (name, source) in TEMPLATES {
-            env.add_template(name, source).expect("bundled templates are valid");
+            env.add_template(name, source)
+                .expect("bundled templates are valid");
         }
         Renderer { env }
     }
@@ -166,7 +188,11 @@ impl Renderer {
             self.env
                 .get_template(template)
                 .and_then(|compiled| compiled.render(&context))
-                .map_err(|source| RenderError { host: host.name.clone(), template, source })
+                .map_err(|source| RenderError {
+                    host: host.name.clone(),
+                    template,
+                    source,
+                })
         };
 
         let mut desired = DesiredHost {
@@ -187,7 +213,13 @@ impl Renderer {
 
         let ufw_rules = render("common/ufw.rules")?;
         desired.firewall_rules = parse_rule_list(&ufw_rules);
-        desired.files.push(file(UFW_RULES_FILE, ufw_rules, 0o644, "root", vec![Trigger::SyncFirewall]));
+        desired.files.push(file(
+            UFW_RULES_FILE,
+            ufw_rules,
+            0o644,
+            "root",
+            vec![Trigger::SyncFirewall],
+        ));
 
         if host.has_role(Role::Postgres) {
             let version = inventory.app.database.version;
@@ -208,7 +240,9 @@ impl Renderer {
                 "postgres",
                 reload,
             ));
-            desired.services.push(Service { unit: POSTGRES_UNIT.into() });
+            desired.services.push(Service {
+                unit: POSTGRES_UNIT.into(),
+            });
         }
 
         if host.has_role(Role::Redis) {
@@ -225,7 +259,9 @@ impl Renderer {
                 line: format!("include {REDIS_DROP_IN}"),
                 triggers: restart,
             });
-            desired.services.push(Service { unit: REDIS_UNIT.into() });
+            desired.services.push(Service {
+                unit: REDIS_UNIT.into(),
+            });
         }
 
         if host.has_role(Role::Worker) {
@@ -247,7 +283,9 @@ impl Renderer {
             );
             env_file.group = worker_paths::USER.into();
             desired.files.push(env_file);
-            desired.services.push(Service { unit: worker_paths::UNIT.into() });
+            desired.services.push(Service {
+                unit: worker_paths::UNIT.into(),
+            });
         }
 
         if host.has_role(Role::Web) {
@@ -256,9 +294,18 @@ impl Renderer {
             if web.start_command.is_some() {
                 triggers.push(Trigger::Restart(web_paths::UNIT.into()));
             }
-            let group = if web.start_command.is_some() { web_paths::USER } else { "root" };
-            let mut env_file =
-                file(web_paths::ENV_FILE, render("web/web.env")?, 0o640, "root", triggers.clone());
+            let group = if web.start_command.is_some() {
+                web_paths::USER
+            } else {
+                "root"
+            };
+            let mut env_file = file(
+                web_paths::ENV_FILE,
+                render("web/web.env")?,
+                0o640,
+                "root",
+                triggers.clone(),
+            );
             env_file.group = group.into();
             desired.files.push(env_file);
             if web.start_command.is_some() {
@@ -271,7 +318,9 @@ impl Renderer {
                     "root",
                     triggers,
                 ));
-                desired.services.push(Service { unit: web_paths::UNIT.into() });
+                desired.services.push(Service {
+                    unit: web_paths::UNIT.into(),
+                });
             }
         }
 
@@ -279,7 +328,13 @@ impl Renderer {
     }
 }
 
-fn file(path: &str, content: String, mode: u32, owner: &str, triggers: Vec<Trigger>) -> RenderedFile {
+fn file(
+    path: &str,
+    content: String,
+    mode: u32,
+    owner: &str,
+    triggers: Vec<Trigger>,
+) -> RenderedFile {
     RenderedFile {
         path: path.into(),
         content,
@@ -372,7 +427,9 @@ fn template_context(inventory: &Inventory, host: &Host, secrets: &Secrets) -> Va
 /// Quotes a value for redis.conf, which splits arguments on spaces and honours double quotes.
 fn redis_quote(value: String) -> String {
     let plain = !value.is_empty()
-        && value.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '\'' && c != '\\');
+        && value
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '\'' && c != '\\');
     if plain {
         return value;
     }
@@ -407,7 +464,11 @@ mod tests {
         inventory
             .hosts
             .iter()
-            .map(|host| renderer.render_host(&inventory, host, &secrets).expect("renders"))
+            .map(|host| {
+                renderer
+                    .render_host(&inventory, host, &secrets)
+                    .expect("renders")
+            })
             .collect()
     }
 
@@ -425,19 +486,30 @@ mod tests {
     fn firewall_follows_topology() {
         let hosts = render_all();
         let rules = |name: &str| {
-            hosts.iter().find(|host| host.name == name).expect("host").firewall_rules.clone()
+            hosts
+                .iter()
+                .find(|host| host.name == name)
+                .expect("host")
+                .firewall_rules
+                .clone()
         };
-        assert_eq!(rules("redis"), vec![
-            "allow 22/tcp comment 'ssh'",
-            "allow from 192.168.120.50 to any port 6379 proto tcp comment 'redis from web'",
-            "allow from 192.168.120.45 to any port 6379 proto tcp comment 'redis from worker'",
-        ]);
+        assert_eq!(
+            rules("redis"),
+            vec![
+                "allow 22/tcp comment 'ssh'",
+                "allow from 192.168.120.50 to any port 6379 proto tcp comment 'redis from web'",
+                "allow from 192.168.120.45 to any port 6379 proto tcp comment 'redis from worker'",
+            ]
+        );
         assert_eq!(rules("worker"), vec!["allow 22/tcp comment 'ssh'"]);
-        assert_eq!(rules("web"), vec![
-            "allow 22/tcp comment 'ssh'",
-            "allow 80/tcp comment 'http'",
-            "allow 443/tcp comment 'https'",
-        ]);
+        assert_eq!(
+            rules("web"),
+            vec![
+                "allow 22/tcp comment 'ssh'",
+                "allow 80/tcp comment 'http'",
+                "allow 443/tcp comment 'https'",
+            ]
+        );
     }
 
     #[test]
@@ -451,8 +523,15 @@ mod tests {
         let secrets = Secrets::placeholders(&inventory);
         let renderer = Renderer::new();
         let postgres = inventory.postgres_host().clone();
-        let desired = renderer.render_host(&inventory, &postgres, &secrets).expect("renders");
-        let hba = &desired.files.iter().find(|file| file.path.ends_with("pg_hba.conf")).expect("hba").content;
+        let desired = renderer
+            .render_host(&inventory, &postgres, &secrets)
+            .expect("renders");
+        let hba = &desired
+            .files
+            .iter()
+            .find(|file| file.path.ends_with("pg_hba.conf"))
+            .expect("hba")
+            .content;
         assert!(hba.contains("192.168.120.46/32"), "{hba}");
         assert!(desired
             .firewall_rules
@@ -463,9 +542,18 @@ mod tests {
     fn secrets_appear_only_as_placeholders() {
         for host in render_all() {
             for file in host.files {
-                assert!(!file.content.contains("{{"), "{}: unrendered tag", file.path);
+                assert!(
+                    !file.content.contains("{{"),
+                    "{}: unrendered tag",
+                    file.path
+                );
                 if file.content.contains("REDIS_URL") {
-                    assert!(file.content.contains("redis://:<secret:app.redis.password>@"), "{}", file.content);
+                    assert!(
+                        file.content
+                            .contains("redis://:<secret:app.redis.password>@"),
+                        "{}",
+                        file.content
+                    );
                 }
             }
         }

@@ -36,14 +36,28 @@ pub fn plan(reports: &[HostPlanReport], format: Format) -> String {
     let ok = reports.iter().all(|report| report.error.is_none());
     let in_sync = reports.iter().all(|report| report.changes.is_empty());
     match format {
-        Format::Json => json(&PlanDocument { ok, in_sync, hosts: reports }),
+        Format::Json => json(&PlanDocument {
+            ok,
+            in_sync,
+            hosts: reports,
+        }),
         Format::Junit => junit_plan(reports),
         Format::Human => {
             let mut text = String::new();
             for report in reports {
                 let _ = match (&report.error, report.changes.len()) {
-                    (Some(error), _) => writeln!(text, "{} ({}): error: {error}", report.name, report.roles.join(",")),
-                    (None, 0) => writeln!(text, "{} ({}): in sync", report.name, report.roles.join(",")),
+                    (Some(error), _) => writeln!(
+                        text,
+                        "{} ({}): error: {error}",
+                        report.name,
+                        report.roles.join(",")
+                    ),
+                    (None, 0) => writeln!(
+                        text,
+                        "{} ({}): in sync",
+                        report.name,
+                        report.roles.join(",")
+                    ),
                     (None, count) => writeln!(
                         text,
                         "{} ({}): {count} change{}",
@@ -53,7 +67,11 @@ pub fn plan(reports: &[HostPlanReport], format: Format) -> String {
                     ),
                 };
                 for change in &report.changes {
-                    let _ = writeln!(text, "  {:<9} {:<8} {}", change.action, change.kind, change.target);
+                    let _ = writeln!(
+                        text,
+                        "  {:<9} {:<8} {}",
+                        change.action, change.kind, change.target
+                    );
                 }
                 for diff in &report.diffs {
                     for line in diff.lines() {
@@ -61,8 +79,15 @@ pub fn plan(reports: &[HostPlanReport], format: Format) -> String {
                     }
                 }
             }
-            let changed = reports.iter().filter(|report| !report.changes.is_empty()).count();
-            let _ = writeln!(text, "{changed} of {} hosts have changes pending", reports.len());
+            let changed = reports
+                .iter()
+                .filter(|report| !report.changes.is_empty())
+                .count();
+            let _ = writeln!(
+                text,
+                "{changed} of {} hosts have changes pending",
+                reports.len()
+            );
             text
         }
     }
@@ -72,13 +97,25 @@ pub fn apply(reports: &[HostReport], format: Format) -> String {
     let ok = reports.iter().all(|report| report.outcome.is_success());
     let changed = reports.iter().any(|report| !report.changes.is_empty());
     match format {
-        Format::Json => json(&ApplyDocument { ok, changed, hosts: reports }),
+        Format::Json => json(&ApplyDocument {
+            ok,
+            changed,
+            hosts: reports,
+        }),
         Format::Junit => junit_apply(reports),
         Format::Human => {
             let mut text = String::new();
-            let _ = writeln!(text, "{:<12} {:<16} {:<12} {:>7}  RESTARTED", "HOST", "ROLES", "OUTCOME", "CHANGES");
+            let _ = writeln!(
+                text,
+                "{:<12} {:<16} {:<12} {:>7}  RESTARTED",
+                "HOST", "ROLES", "OUTCOME", "CHANGES"
+            );
             for report in reports {
-                let restarted = if report.restarted.is_empty() { "-".to_string() } else { report.restarted.join(", ") };
+                let restarted = if report.restarted.is_empty() {
+                    "-".to_string()
+                } else {
+                    report.restarted.join(", ")
+                };
                 let _ = writeln!(
                     text,
                     "{:<12} {:<16} {:<12} {:>7}  {restarted}",
@@ -94,19 +131,32 @@ pub fn apply(reports: &[HostReport], format: Format) -> String {
                 }
                 let _ = writeln!(text, "\n{}:", report.name);
                 for change in &report.changes {
-                    let _ = writeln!(text, "  {:<9} {:<8} {}", change.action, change.kind, change.target);
+                    let _ = writeln!(
+                        text,
+                        "  {:<9} {:<8} {}",
+                        change.action, change.kind, change.target
+                    );
                 }
                 if let Some(error) = &report.error {
                     let _ = writeln!(text, "  error: {error}");
                 }
             }
-            let failed = reports.iter().filter(|report| !report.outcome.is_success()).count();
+            let failed = reports
+                .iter()
+                .filter(|report| !report.outcome.is_success())
+                .count();
             let _ = writeln!(
                 text,
                 "\n{} hosts: {} changed, {} unchanged, {failed} failed",
                 reports.len(),
-                reports.iter().filter(|report| report.outcome == Outcome::Changed).count(),
-                reports.iter().filter(|report| report.outcome == Outcome::Unchanged).count(),
+                reports
+                    .iter()
+                    .filter(|report| report.outcome == Outcome::Changed)
+                    .count(),
+                reports
+                    .iter()
+                    .filter(|report| report.outcome == Outcome::Unchanged)
+                    .count(),
             );
             text
         }
@@ -119,7 +169,11 @@ pub fn verify(report: &VerifyReport, format: Format) -> String {
         Format::Junit => junit_verify(report),
         Format::Human => {
             let mut text = String::new();
-            let _ = writeln!(text, "{:<10} {:<26} {:<6} {:>8}  DETAIL", "HOST", "CHECK", "STATUS", "TIME");
+            let _ = writeln!(
+                text,
+                "{:<10} {:<26} {:<6} {:>8}  DETAIL",
+                "HOST", "CHECK", "STATUS", "TIME"
+            );
             for host in &report.hosts {
                 for check in &host.checks {
                     let status = match check.status {
@@ -196,7 +250,10 @@ fn junit_verify(report: &VerifyReport) -> String {
 fn junit_apply(reports: &[HostReport]) -> String {
     let cases = reports.iter().map(|report| {
         let failure = (!report.outcome.is_success()).then(|| {
-            let message = report.error.clone().unwrap_or_else(|| outcome_name(report.outcome).into());
+            let message = report
+                .error
+                .clone()
+                .unwrap_or_else(|| outcome_name(report.outcome).into());
             (NonSuccessKind::Failure, message)
         });
         (report.name.as_str(), failure, report.changes.as_slice())
@@ -206,7 +263,10 @@ fn junit_apply(reports: &[HostReport]) -> String {
 
 fn junit_plan(reports: &[HostPlanReport]) -> String {
     let cases = reports.iter().map(|report| {
-        let failure = report.error.clone().map(|error| (NonSuccessKind::Error, error));
+        let failure = report
+            .error
+            .clone()
+            .map(|error| (NonSuccessKind::Error, error));
         (report.name.as_str(), failure, report.changes.as_slice())
     });
     junit_per_host("plan", cases)
@@ -229,7 +289,10 @@ fn junit_per_host<'a>(
             }
         };
         let mut case = TestCase::new(host, status);
-        let lines: Vec<String> = changes.iter().map(|c| format!("{} {} {}", c.action, c.kind, c.target)).collect();
+        let lines: Vec<String> = changes
+            .iter()
+            .map(|c| format!("{} {} {}", c.action, c.kind, c.target))
+            .collect();
         case.set_system_out(lines.join("\n"));
         suite.add_test_case(case);
     }
@@ -263,14 +326,18 @@ mod tests {
                 name: "worker".into(),
                 role: "worker".into(),
                 roles: vec!["worker".into()],
-                checks: vec![check("ssh.reachable", Status::Pass), check("worker.memory", Status::Fail)],
+                checks: vec![
+                    check("ssh.reachable", Status::Pass),
+                    check("worker.memory", Status::Fail),
+                ],
             }],
         }
     }
 
     #[test]
     fn verify_json_has_interface_fields() {
-        let document: serde_json::Value = serde_json::from_str(&verify(&sample(), Format::Json)).unwrap();
+        let document: serde_json::Value =
+            serde_json::from_str(&verify(&sample(), Format::Json)).unwrap();
         assert_eq!(document["ok"], false);
         let host = &document["hosts"][0];
         assert_eq!(host["name"], "worker");
@@ -285,9 +352,15 @@ mod tests {
     #[test]
     fn verify_junit_has_case_per_check() {
         let xml = verify(&sample(), Format::Junit);
-        assert!(xml.contains(r#"<testsuite name="worker" tests="2""#), "{xml}");
+        assert!(
+            xml.contains(r#"<testsuite name="worker" tests="2""#),
+            "{xml}"
+        );
         assert!(xml.contains(r#"<testcase name="ssh.reachable""#), "{xml}");
-        assert!(xml.contains(r#"<failure message="worker.memory detail""#), "{xml}");
+        assert!(
+            xml.contains(r#"<failure message="worker.memory detail""#),
+            "{xml}"
+        );
     }
 
     #[test]

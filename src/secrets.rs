@@ -18,7 +18,9 @@ pub struct Secrets {
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secrets").field("keys", &self.values.keys()).finish_non_exhaustive()
+        f.debug_struct("Secrets")
+            .field("keys", &self.values.keys())
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,10 +51,15 @@ impl Secrets {
             let value = match reference {
                 SecretRef::Env(name) => match std::env::var(name) {
                     Ok(value) => value,
-                    Err(_) => fallback.get(name).cloned().ok_or_else(|| SecretError::MissingEnv {
-                        setting: setting.to_string(),
-                        name: name.clone(),
-                    })?,
+                    Err(_) => {
+                        fallback
+                            .get(name)
+                            .cloned()
+                            .ok_or_else(|| SecretError::MissingEnv {
+                                setting: setting.to_string(),
+                                name: name.clone(),
+                            })?
+                    }
                 },
                 SecretRef::File(path) => std::fs::read_to_string(path)
                     .map_err(|source| SecretError::ReadFile {
@@ -76,7 +83,10 @@ impl Secrets {
 
     /// Stands placeholders in for every secret, for rendering without access to the values.
     pub fn placeholders(inventory: &Inventory) -> Secrets {
-        let mut secrets = Secrets { placeholder_mode: true, ..Secrets::default() };
+        let mut secrets = Secrets {
+            placeholder_mode: true,
+            ..Secrets::default()
+        };
         for setting in inventory.secret_refs().keys() {
             let placeholder = placeholder(setting);
             secrets.insert(setting, placeholder);
@@ -95,13 +105,17 @@ impl Secrets {
     }
 
     fn insert(&mut self, setting: &str, value: String) {
-        self.placeholders.insert(setting.to_string(), placeholder(setting));
+        self.placeholders
+            .insert(setting.to_string(), placeholder(setting));
         self.values.insert(setting.to_string(), value);
     }
 
     /// The value of a secret setting such as `app.redis.password`.
     pub fn get(&self, setting: &str) -> &str {
-        self.values.get(setting).map(String::as_str).unwrap_or_default()
+        self.values
+            .get(setting)
+            .map(String::as_str)
+            .unwrap_or_default()
     }
 
     /// The value of a secret setting, percent-encoded for the user-info part of a URL.

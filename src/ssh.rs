@@ -16,7 +16,9 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// is put in single quotes.
 pub fn shell_quote(word: &str) -> String {
     let safe = !word.is_empty()
-        && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
     if safe {
         return word.to_string();
     }
@@ -57,7 +59,9 @@ impl RemoteCommand {
     pub fn script(label: &str, script: &str, args: &[&str]) -> RemoteCommand {
         let mut command = RemoteCommand::new("sh");
         command.label = Some(label.to_string());
-        command.argv.extend(["-c".to_string(), script.to_string(), "sh".to_string()]);
+        command
+            .argv
+            .extend(["-c".to_string(), script.to_string(), "sh".to_string()]);
         command.argv.extend(args.iter().map(|arg| arg.to_string()));
         command
     }
@@ -106,12 +110,20 @@ impl RemoteCommand {
             RunAs::LoginUser => {}
             RunAs::Root if login_user == "root" || !use_sudo => {}
             RunAs::Root => words.extend(["sudo".into(), "-n".into(), "--".into()]),
-            RunAs::User(user) => {
-                words.extend(["sudo".into(), "-n".into(), "-u".into(), user.clone(), "--".into()])
-            }
+            RunAs::User(user) => words.extend([
+                "sudo".into(),
+                "-n".into(),
+                "-u".into(),
+                user.clone(),
+                "--".into(),
+            ]),
         }
         words.extend(self.argv.iter().cloned());
-        words.iter().map(|word| shell_quote(word)).collect::<Vec<_>>().join(" ")
+        words
+            .iter()
+            .map(|word| shell_quote(word))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// A short form for messages: the label of a script, or the program and its first
@@ -120,7 +132,13 @@ impl RemoteCommand {
         if let Some(label) = &self.label {
             return label.clone();
         }
-        let mut text = self.argv.iter().take(6).cloned().collect::<Vec<_>>().join(" ");
+        let mut text = self
+            .argv
+            .iter()
+            .take(6)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ");
         if self.argv.len() > 6 {
             text.push_str(" …");
         }
@@ -152,7 +170,11 @@ pub enum SshError {
         source: openssh::Error,
     },
     #[error("connecting to host {host} ({destination}) timed out after {secs} s")]
-    ConnectTimeout { host: String, destination: String, secs: u64 },
+    ConnectTimeout {
+        host: String,
+        destination: String,
+        secs: u64,
+    },
     #[error("`{command}` on host {host} failed to run")]
     Run {
         host: String,
@@ -161,12 +183,27 @@ pub enum SshError {
         source: openssh::Error,
     },
     #[error("`{command}` on host {host} timed out after {secs} s")]
-    Timeout { host: String, command: String, secs: u64 },
+    Timeout {
+        host: String,
+        command: String,
+        secs: u64,
+    },
     #[error("`{command}` on host {host} exited with status {status}: {stderr}")]
-    Failed { host: String, command: String, status: String, stderr: String },
-    #[error("sudo on host {host} requires a password for `{command}`; the user {user} needs \
-             passwordless sudo (NOPASSWD) for it")]
-    SudoDenied { host: String, user: String, command: String },
+    Failed {
+        host: String,
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error(
+        "sudo on host {host} requires a password for `{command}`; the user {user} needs \
+             passwordless sudo (NOPASSWD) for it"
+    )]
+    SudoDenied {
+        host: String,
+        user: String,
+        command: String,
+    },
 }
 
 /// Connection settings resolved for one host, after `--lab` overrides.
@@ -196,7 +233,10 @@ impl Destination {
             address: host.address.to_string(),
             user: host.ssh.user.clone(),
             port: host.ssh.port,
-            identity: overrides.identity.clone().or_else(|| host.ssh.identity.clone().map(expand_home)),
+            identity: overrides
+                .identity
+                .clone()
+                .or_else(|| host.ssh.identity.clone().map(expand_home)),
             known_hosts: overrides
                 .known_hosts
                 .clone()
@@ -238,14 +278,22 @@ impl Remote {
             builder.user_known_hosts_file(known_hosts);
         }
 
-        let target = format!("{}@{}:{}", destination.user, destination.address, destination.port);
+        let target = format!(
+            "{}@{}:{}",
+            destination.user, destination.address, destination.port
+        );
         // openssh's own timeout covers the TCP connect; this one also bounds authentication.
         let limit = destination.connect_timeout + Duration::from_secs(10);
-        let connected = tokio::time::timeout(limit, builder.connect_mux(&destination.address)).await;
+        let connected =
+            tokio::time::timeout(limit, builder.connect_mux(&destination.address)).await;
         let session = match connected {
             Ok(Ok(session)) => session,
             Ok(Err(source)) => {
-                return Err(SshError::Connect { host: destination.host.clone(), destination: target, source })
+                return Err(SshError::Connect {
+                    host: destination.host.clone(),
+                    destination: target,
+                    source,
+                })
             }
             Err(_) => {
                 return Err(SshError::ConnectTimeout {
@@ -255,7 +303,10 @@ impl Remote {
                 })
             }
         };
-        Ok(Remote { destination, session })
+        Ok(Remote {
+            destination,
+            session,
+        })
     }
 
     pub fn host(&self) -> &str {
@@ -270,7 +321,11 @@ impl Remote {
             let mut child = self
                 .session
                 .raw_command(&line)
-                .stdin(if command.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+                .stdin(if command.stdin.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -327,7 +382,9 @@ impl Remote {
         Err(SshError::Failed {
             host: self.destination.host.clone(),
             command: command.summary(),
-            status: output.status.map_or_else(|| "killed by a signal".into(), |code| code.to_string()),
+            status: output
+                .status
+                .map_or_else(|| "killed by a signal".into(), |code| code.to_string()),
             stderr: last_lines(&output.stderr, 5),
         })
     }
@@ -340,12 +397,17 @@ impl Remote {
 }
 
 fn is_sudo_password_prompt(stderr: &str) -> bool {
-    stderr.contains("sudo: a password is required") || stderr.contains("sudo: a terminal is required")
+    stderr.contains("sudo: a password is required")
+        || stderr.contains("sudo: a terminal is required")
 }
 
 /// The last `count` non-empty lines of `text`, joined by "; ", for error messages.
 pub fn last_lines(text: &str, count: usize) -> String {
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
     let start = lines.len().saturating_sub(count);
     lines[start..].join("; ")
 }
@@ -356,7 +418,10 @@ mod tests {
 
     #[test]
     fn shell_quote_leaves_safe_words() {
-        assert_eq!(shell_quote("/etc/redis/redis.conf"), "/etc/redis/redis.conf");
+        assert_eq!(
+            shell_quote("/etc/redis/redis.conf"),
+            "/etc/redis/redis.conf"
+        );
         assert_eq!(shell_quote("yametee:jobs"), "yametee:jobs");
     }
 
@@ -371,22 +436,42 @@ mod tests {
 
     #[test]
     fn root_commands_use_sudo_unless_root() {
-        let command = RemoteCommand::new("systemctl").args(["restart", "redis-server.service"]).as_root();
-        assert_eq!(command.to_shell("deploy", true), "sudo -n -- systemctl restart redis-server.service");
-        assert_eq!(command.to_shell("root", true), "systemctl restart redis-server.service");
-        assert_eq!(command.to_shell("deploy", false), "systemctl restart redis-server.service");
+        let command = RemoteCommand::new("systemctl")
+            .args(["restart", "redis-server.service"])
+            .as_root();
+        assert_eq!(
+            command.to_shell("deploy", true),
+            "sudo -n -- systemctl restart redis-server.service"
+        );
+        assert_eq!(
+            command.to_shell("root", true),
+            "systemctl restart redis-server.service"
+        );
+        assert_eq!(
+            command.to_shell("deploy", false),
+            "systemctl restart redis-server.service"
+        );
     }
 
     #[test]
     fn user_commands_use_sudo_u() {
-        let command = RemoteCommand::new("psql").arg("-c").arg("SELECT 1").as_user("postgres");
-        assert_eq!(command.to_shell("deploy", true), "sudo -n -u postgres -- psql -c 'SELECT 1'");
+        let command = RemoteCommand::new("psql")
+            .arg("-c")
+            .arg("SELECT 1")
+            .as_user("postgres");
+        assert_eq!(
+            command.to_shell("deploy", true),
+            "sudo -n -u postgres -- psql -c 'SELECT 1'"
+        );
     }
 
     #[test]
     fn script_passes_values_as_arguments() {
         let command = RemoteCommand::script("read a file", "cat -- \"$1\"", &["/tmp/a b"]);
-        assert_eq!(command.to_shell("deploy", true), r#"sh -c 'cat -- "$1"' sh '/tmp/a b'"#);
+        assert_eq!(
+            command.to_shell("deploy", true),
+            r#"sh -c 'cat -- "$1"' sh '/tmp/a b'"#
+        );
         assert_eq!(command.summary(), "read a file");
     }
 

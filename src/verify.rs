@@ -67,7 +67,11 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     pub fn count(&self, status: Status) -> usize {
-        self.hosts.iter().flat_map(|host| &host.checks).filter(|check| check.status == status).count()
+        self.hosts
+            .iter()
+            .flat_map(|host| &host.checks)
+            .filter(|check| check.status == status)
+            .count()
     }
 }
 
@@ -106,9 +110,17 @@ type CheckFuture<'a> = Pin<Box<dyn Future<Output = CheckOutcome> + Send + 'a>>;
 
 impl<'a> Verifier<'a> {
     pub async fn run(&self) -> VerifyReport {
-        let hosts = join_all(self.inventory.hosts.iter().map(|host| self.verify_host(host))).await;
+        let hosts = join_all(
+            self.inventory
+                .hosts
+                .iter()
+                .map(|host| self.verify_host(host)),
+        )
+        .await;
         // Only a run in which every check passed is a success: a skipped check proved nothing.
-        let ok = hosts.iter().all(|host| host.checks.iter().all(|check| check.status == Status::Pass));
+        let ok = hosts
+            .iter()
+            .all(|host| host.checks.iter().all(|check| check.status == Status::Pass));
         VerifyReport { ok, hosts }
     }
 
@@ -123,11 +135,17 @@ impl<'a> Verifier<'a> {
         let started = Instant::now();
         let remote = match Remote::connect(Destination::for_host(host, self.ssh)).await {
             Ok(remote) => {
-                result.checks.push(pass("ssh.reachable", format!("{}@{}:{}", host.ssh.user, host.address, host.ssh.port), started));
+                result.checks.push(pass(
+                    "ssh.reachable",
+                    format!("{}@{}:{}", host.ssh.user, host.address, host.ssh.port),
+                    started,
+                ));
                 remote
             }
             Err(error) => {
-                result.checks.push(fail("ssh.reachable", error_chain(&error), started));
+                result
+                    .checks
+                    .push(fail("ssh.reachable", error_chain(&error), started));
                 for id in self.check_ids(host) {
                     result.checks.push(CheckResult {
                         id,
@@ -146,9 +164,24 @@ impl<'a> Verifier<'a> {
             let outcome = check.await;
             let duration_ms = started.elapsed().as_millis() as u64;
             match outcome {
-                Ok(detail) => CheckResult { id, status: Status::Pass, detail: self.secrets.redact(&detail), duration_ms },
-                Err(NotPassed::Fail(detail)) => CheckResult { id, status: Status::Fail, detail: self.secrets.redact(&detail), duration_ms },
-                Err(NotPassed::Skip(detail)) => CheckResult { id, status: Status::Skip, detail: self.secrets.redact(&detail), duration_ms },
+                Ok(detail) => CheckResult {
+                    id,
+                    status: Status::Pass,
+                    detail: self.secrets.redact(&detail),
+                    duration_ms,
+                },
+                Err(NotPassed::Fail(detail)) => CheckResult {
+                    id,
+                    status: Status::Fail,
+                    detail: self.secrets.redact(&detail),
+                    duration_ms,
+                },
+                Err(NotPassed::Skip(detail)) => CheckResult {
+                    id,
+                    status: Status::Skip,
+                    detail: self.secrets.redact(&detail),
+                    duration_ms,
+                },
             }
         });
         result.checks.extend(join_all(timed).await);
@@ -176,14 +209,23 @@ impl<'a> Verifier<'a> {
         }
         if host.has_role(Role::Worker) {
             ids.extend(
-                ["worker.startup-log", "worker.redis-ping", "worker.postgres-select1", "worker.binary-hash", "worker.memory"]
-                    .map(String::from),
+                [
+                    "worker.startup-log",
+                    "worker.redis-ping",
+                    "worker.postgres-select1",
+                    "worker.binary-hash",
+                    "worker.memory",
+                ]
+                .map(String::from),
             );
         }
         if host.has_role(Role::Web) {
             ids.extend(["web.redis-ping", "web.postgres-select1"].map(String::from));
         }
-        if self.probe_host().is_some_and(|probe| probe.name == host.name) {
+        if self
+            .probe_host()
+            .is_some_and(|probe| probe.name == host.name)
+        {
             ids.push("e2e.probe-job".to_string());
         }
         for (id, _, _) in self.blocked_targets(host) {
@@ -194,7 +236,10 @@ impl<'a> Verifier<'a> {
 
     fn checks<'b>(&'b self, host: &'b Host, remote: &'b Remote) -> Vec<(String, CheckFuture<'b>)> {
         let mut checks: Vec<(String, CheckFuture<'b>)> = Vec::new();
-        checks.push(("firewall.rules".into(), Box::pin(self.firewall_rules(host, remote))));
+        checks.push((
+            "firewall.rules".into(),
+            Box::pin(self.firewall_rules(host, remote)),
+        ));
         for unit in units_of(host) {
             let id = format!("unit.{}", unit.trim_end_matches(".service"));
             checks.push((id, Box::pin(unit_running(remote, unit))));
@@ -204,24 +249,51 @@ impl<'a> Verifier<'a> {
         let redis = self.inventory.redis_host();
         let postgres = self.inventory.postgres_host();
         if host.has_role(Role::Postgres) {
-            checks.push(("postgres.listening".into(), Box::pin(listening(remote, host, app.database.port))));
+            checks.push((
+                "postgres.listening".into(),
+                Box::pin(listening(remote, host, app.database.port)),
+            ));
         }
         if host.has_role(Role::Redis) {
-            checks.push(("redis.listening".into(), Box::pin(listening(remote, host, app.redis.port))));
+            checks.push((
+                "redis.listening".into(),
+                Box::pin(listening(remote, host, app.redis.port)),
+            ));
             checks.push(("queue.depth".into(), Box::pin(self.queue_depth(remote))));
         }
         if host.has_role(Role::Worker) {
-            checks.push(("worker.startup-log".into(), Box::pin(self.startup_log(remote))));
-            checks.push(("worker.redis-ping".into(), Box::pin(self.redis_ping(remote, redis.address.to_string()))));
-            checks.push(("worker.postgres-select1".into(), Box::pin(self.select_one(remote, postgres.address.to_string()))));
-            checks.push(("worker.binary-hash".into(), Box::pin(self.binary_hash(remote))));
+            checks.push((
+                "worker.startup-log".into(),
+                Box::pin(self.startup_log(remote)),
+            ));
+            checks.push((
+                "worker.redis-ping".into(),
+                Box::pin(self.redis_ping(remote, redis.address.to_string())),
+            ));
+            checks.push((
+                "worker.postgres-select1".into(),
+                Box::pin(self.select_one(remote, postgres.address.to_string())),
+            ));
+            checks.push((
+                "worker.binary-hash".into(),
+                Box::pin(self.binary_hash(remote)),
+            ));
             checks.push(("worker.memory".into(), Box::pin(self.worker_memory(remote))));
         }
         if host.has_role(Role::Web) {
-            checks.push(("web.redis-ping".into(), Box::pin(self.redis_ping(remote, redis.address.to_string()))));
-            checks.push(("web.postgres-select1".into(), Box::pin(self.select_one(remote, postgres.address.to_string()))));
+            checks.push((
+                "web.redis-ping".into(),
+                Box::pin(self.redis_ping(remote, redis.address.to_string())),
+            ));
+            checks.push((
+                "web.postgres-select1".into(),
+                Box::pin(self.select_one(remote, postgres.address.to_string())),
+            ));
         }
-        if self.probe_host().is_some_and(|probe| probe.name == host.name) {
+        if self
+            .probe_host()
+            .is_some_and(|probe| probe.name == host.name)
+        {
             checks.push(("e2e.probe-job".into(), Box::pin(self.probe_job(remote))));
         }
         for (id, address, port) in self.blocked_targets(host) {
@@ -249,11 +321,19 @@ impl<'a> Verifier<'a> {
         let mut targets = Vec::new();
         let redis = self.inventory.redis_host();
         if redis.name != host.name {
-            targets.push(("firewall.blocks-redis".into(), redis.address.to_string(), app.redis.port));
+            targets.push((
+                "firewall.blocks-redis".into(),
+                redis.address.to_string(),
+                app.redis.port,
+            ));
         }
         let postgres = self.inventory.postgres_host();
         if postgres.name != host.name {
-            targets.push(("firewall.blocks-postgres".into(), postgres.address.to_string(), app.database.port));
+            targets.push((
+                "firewall.blocks-postgres".into(),
+                postgres.address.to_string(),
+                app.database.port,
+            ));
         }
         targets
     }
@@ -263,19 +343,35 @@ impl<'a> Verifier<'a> {
             .renderer
             .render_host(self.inventory, host, &Secrets::placeholders(self.inventory))
             .map_err(|error| error_chain(&error))?;
-        let state = facts::firewall_state(remote).await.map_err(|error| error_chain(&error))?;
+        let state = facts::firewall_state(remote)
+            .await
+            .map_err(|error| error_chain(&error))?;
         if !state.active {
             return Err("ufw is inactive".into());
         }
         if !state.incoming_denied {
             return Err("ufw does not deny incoming traffic by default".into());
         }
-        let missing: Vec<&String> = desired.firewall_rules.iter().filter(|rule| !state.rules.contains(rule)).collect();
-        let extra: Vec<&String> = state.rules.iter().filter(|rule| !desired.firewall_rules.contains(rule)).collect();
+        let missing: Vec<&String> = desired
+            .firewall_rules
+            .iter()
+            .filter(|rule| !state.rules.contains(rule))
+            .collect();
+        let extra: Vec<&String> = state
+            .rules
+            .iter()
+            .filter(|rule| !desired.firewall_rules.contains(rule))
+            .collect();
         if !missing.is_empty() || !extra.is_empty() {
-            return Err(format!("missing rules: {missing:?}; rules not in the inventory: {extra:?}").into());
+            return Err(format!(
+                "missing rules: {missing:?}; rules not in the inventory: {extra:?}"
+            )
+            .into());
         }
-        Ok(format!("active, incoming denied, {} rules as rendered", state.rules.len()))
+        Ok(format!(
+            "active, incoming denied, {} rules as rendered",
+            state.rules.len()
+        ))
     }
 
     async fn queue_depth(&self, remote: &Remote) -> CheckOutcome {
@@ -308,11 +404,22 @@ echo "dead $(cli LLEN "$q:dead")""#;
         for (name, limit) in limits {
             let value = output
                 .lines()
-                .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<u64>().ok()))
-                .ok_or_else(|| format!("cannot read the {name} depth from redis-cli: {}", output.trim()))?;
+                .find_map(|line| {
+                    line.strip_prefix(name)
+                        .and_then(|rest| rest.trim().parse::<u64>().ok())
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "cannot read the {name} depth from redis-cli: {}",
+                        output.trim()
+                    )
+                })?;
             shown.push(format!("{} {value}", name.replace('_', "-")));
             if value >= limit {
-                over.push(format!("{} {value} reaches the threshold {limit}", name.replace('_', "-")));
+                over.push(format!(
+                    "{} {value} reaches the threshold {limit}",
+                    name.replace('_', "-")
+                ));
             }
         }
         if over.is_empty() {
@@ -326,7 +433,12 @@ echo "dead $(cli LLEN "$q:dead")""#;
         let script = r#"id=$(systemctl show -p InvocationID --value "$1")
 [ -n "$id" ] || { echo "no current run of $1" >&2; exit 1; }
 journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
-        let command = RemoteCommand::script("read the worker's log of its current run", script, &[worker_paths::UNIT]).as_root();
+        let command = RemoteCommand::script(
+            "read the worker's log of its current run",
+            script,
+            &[worker_paths::UNIT],
+        )
+        .as_root();
         let log = run(remote, &command).await?;
         let missing: Vec<String> = startup_lines(&self.inventory.app.worker.name)
             .into_iter()
@@ -343,13 +455,21 @@ journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
         let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
 exec timeout 10 redis-cli -h "$1" -p "$2" PING"#;
         let port = self.inventory.app.redis.port.to_string();
-        let command = RemoteCommand::script(&format!("redis-cli -h {address} PING"), script, &[&address, &port])
-            .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
+        let command = RemoteCommand::script(
+            &format!("redis-cli -h {address} PING"),
+            script,
+            &[&address, &port],
+        )
+        .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
         let reply = run(remote, &command).await?;
         if reply.trim() == "PONG" {
             Ok(format!("PONG from {address}:{port}"))
         } else {
-            Err(format!("redis-cli PING to {address}:{port} returned {:?}", reply.trim()).into())
+            Err(format!(
+                "redis-cli PING to {address}:{port} returned {:?}",
+                reply.trim()
+            )
+            .into())
         }
     }
 
@@ -367,25 +487,45 @@ exec psql -X -A -t -q -w -h "$1" -p "$2" -U "$3" -d "$4" -c 'SELECT 1'"#;
         .stdin(format!("{}\n", self.secrets.get("app.database.password")));
         let reply = run(remote, &command).await?;
         if reply.trim() == "1" {
-            Ok(format!("SELECT 1 as {} on {address}:{port}/{}", database.user, database.name))
+            Ok(format!(
+                "SELECT 1 as {} on {address}:{port}/{}",
+                database.user, database.name
+            ))
         } else {
             Err(format!("SELECT 1 returned {:?}", reply.trim()).into())
         }
     }
 
     async fn binary_hash(&self, remote: &Remote) -> CheckOutcome {
-        let path = format!("{}/{}", worker_paths::CURRENT_LINK, worker_paths::BINARY_NAME);
+        let path = format!(
+            "{}/{}",
+            worker_paths::CURRENT_LINK,
+            worker_paths::BINARY_NAME
+        );
         let output = run(remote, &RemoteCommand::new("sha256sum").arg(&path)).await?;
-        let installed = output.split_whitespace().next().unwrap_or_default().to_string();
+        let installed = output
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let Some(worker) = self.worker else {
             return Err(NotPassed::Skip(format!(
                 "installed {installed}; no local worker binary to compare with (pass --worker-binary)"
             )));
         };
         if installed == worker.sha256 {
-            Ok(format!("sha256 {} matches {}", &installed[..16], worker.path.display()))
+            Ok(format!(
+                "sha256 {} matches {}",
+                &installed[..16],
+                worker.path.display()
+            ))
         } else {
-            Err(format!("installed sha256 {installed} differs from {} ({})", worker.sha256, worker.path.display()).into())
+            Err(format!(
+                "installed sha256 {installed} differs from {} ({})",
+                worker.sha256,
+                worker.path.display()
+            )
+            .into())
         }
     }
 
@@ -393,8 +533,19 @@ exec psql -X -A -t -q -w -h "$1" -p "$2" -U "$3" -d "$4" -c 'SELECT 1'"#;
         let script = r#"pid=$(systemctl show -p MainPID --value "$1")
 [ "$pid" -gt 0 ] 2>/dev/null || { echo "$1 has no main process" >&2; exit 1; }
 ps -o rss= -p "$pid""#;
-        let output = run(remote, &RemoteCommand::script("read the worker's resident memory", script, &[worker_paths::UNIT])).await?;
-        let kib: u64 = output.trim().parse().map_err(|_| format!("cannot parse the RSS {:?}", output.trim()))?;
+        let output = run(
+            remote,
+            &RemoteCommand::script(
+                "read the worker's resident memory",
+                script,
+                &[worker_paths::UNIT],
+            ),
+        )
+        .await?;
+        let kib: u64 = output
+            .trim()
+            .parse()
+            .map_err(|_| format!("cannot parse the RSS {:?}", output.trim()))?;
         let budget_mb = self.inventory.app.worker.memory_budget_mb;
         let mib = kib as f64 / 1024.0;
         if kib <= budget_mb * 1024 {
@@ -409,7 +560,9 @@ ps -o rss= -p "$pid""#;
     async fn probe_job(&self, remote: &Remote) -> CheckOutcome {
         let app = &self.inventory.app;
         let redis = self.inventory.redis_host();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let id = format!("probe-{}-{:08x}", now.as_secs(), rand::random::<u32>());
         let job = serde_json::json!({
             "id": id,
@@ -424,15 +577,20 @@ exec timeout 10 redis-cli -h "$1" -p "$2" RPUSH "$3" "$4""#;
         let address = redis.address.to_string();
         let port = app.redis.port.to_string();
         let password = format!("{}\n", self.secrets.get("app.redis.password"));
-        let command = RemoteCommand::script("push the probe job", push, &[&address, &port, &app.queue, &job])
-            .stdin(password.clone());
+        let command = RemoteCommand::script(
+            "push the probe job",
+            push,
+            &[&address, &port, &app.queue, &job],
+        )
+        .stdin(password.clone());
         let started = Instant::now();
         run(remote, &command).await?;
 
         let key = format!("{PROBE_KEY_PREFIX}{id}");
         let get = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
 exec timeout 10 redis-cli -h "$1" -p "$2" GET "$3""#;
-        let command = RemoteCommand::script("read the probe result", get, &[&address, &port, &key]).stdin(password);
+        let command = RemoteCommand::script("read the probe result", get, &[&address, &port, &key])
+            .stdin(password);
         // Bounded by PROBE_TIMEOUT; each round trip is one GET.
         while started.elapsed() < PROBE_TIMEOUT {
             let value = run(remote, &command).await?;
@@ -441,13 +599,23 @@ exec timeout 10 redis-cli -h "$1" -p "$2" GET "$3""#;
                 let latency = started.elapsed().as_millis();
                 let worker = serde_json::from_str::<serde_json::Value>(value)
                     .ok()
-                    .and_then(|result| result.get("worker").and_then(|w| w.as_str()).map(String::from))
+                    .and_then(|result| {
+                        result
+                            .get("worker")
+                            .and_then(|w| w.as_str())
+                            .map(String::from)
+                    })
                     .unwrap_or_else(|| "a worker".into());
                 return Ok(format!("job {id} processed by {worker} in {latency} ms"));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(format!("job {id} pushed to {} was not processed within {} s", app.queue, PROBE_TIMEOUT.as_secs()).into())
+        Err(format!(
+            "job {id} pushed to {} was not processed within {} s",
+            app.queue,
+            PROBE_TIMEOUT.as_secs()
+        )
+        .into())
     }
 }
 
@@ -466,9 +634,18 @@ fn units_of(host: &Host) -> Vec<&'static str> {
 }
 
 async fn unit_running(remote: &Remote, unit: &str) -> CheckOutcome {
-    let active = remote.output(&RemoteCommand::new("systemctl").args(["is-active", unit])).await.map_err(|e| error_chain(&e))?;
-    let enabled = remote.output(&RemoteCommand::new("systemctl").args(["is-enabled", unit])).await.map_err(|e| error_chain(&e))?;
-    let (active, enabled) = (active.stdout.trim().to_string(), enabled.stdout.trim().to_string());
+    let active = remote
+        .output(&RemoteCommand::new("systemctl").args(["is-active", unit]))
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let enabled = remote
+        .output(&RemoteCommand::new("systemctl").args(["is-enabled", unit]))
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let (active, enabled) = (
+        active.stdout.trim().to_string(),
+        enabled.stdout.trim().to_string(),
+    );
     if active == "active" && enabled == "enabled" {
         Ok(format!("{unit} active and enabled"))
     } else {
@@ -479,7 +656,9 @@ async fn unit_running(remote: &Remote, unit: &str) -> CheckOutcome {
 async fn listening(remote: &Remote, host: &Host, port: u16) -> CheckOutcome {
     let output = run(remote, &RemoteCommand::new("ss").args(["-tlnH"])).await?;
     let wanted = format!("{}:{port}", host.address);
-    let found = output.lines().any(|line| line.split_whitespace().nth(3) == Some(wanted.as_str()));
+    let found = output
+        .lines()
+        .any(|line| line.split_whitespace().nth(3) == Some(wanted.as_str()));
     if found {
         Ok(format!("listening on {wanted}"))
     } else {
@@ -491,8 +670,15 @@ async fn listening(remote: &Remote, host: &Host, port: u16) -> CheckOutcome {
 async fn blocked(remote: &Remote, address: String, port: u16) -> CheckOutcome {
     let script = r#"exec timeout "$3" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2""#;
     let port_text = port.to_string();
-    let command = RemoteCommand::script(&format!("connect to {address}:{port}"), script, &[&address, &port_text, BLOCKED_PROBE_SECS]);
-    let output = remote.output(&command).await.map_err(|error| error_chain(&error))?;
+    let command = RemoteCommand::script(
+        &format!("connect to {address}:{port}"),
+        script,
+        &[&address, &port_text, BLOCKED_PROBE_SECS],
+    );
+    let output = remote
+        .output(&command)
+        .await
+        .map_err(|error| error_chain(&error))?;
     if output.success() {
         Err(format!("a connection to {address}:{port} opened; the firewall must block it").into())
     } else {
@@ -501,15 +687,28 @@ async fn blocked(remote: &Remote, address: String, port: u16) -> CheckOutcome {
 }
 
 async fn run(remote: &Remote, command: &RemoteCommand) -> Result<String, String> {
-    remote.run(command).await.map_err(|error: SshError| error_chain(&error))
+    remote
+        .run(command)
+        .await
+        .map_err(|error: SshError| error_chain(&error))
 }
 
 fn pass(id: &str, detail: String, started: Instant) -> CheckResult {
-    CheckResult { id: id.into(), status: Status::Pass, detail, duration_ms: started.elapsed().as_millis() as u64 }
+    CheckResult {
+        id: id.into(),
+        status: Status::Pass,
+        detail,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
 }
 
 fn fail(id: &str, detail: String, started: Instant) -> CheckResult {
-    CheckResult { id: id.into(), status: Status::Fail, detail, duration_ms: started.elapsed().as_millis() as u64 }
+    CheckResult {
+        id: id.into(),
+        status: Status::Fail,
+        detail,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
 }
 
 /// Formats a time since the Unix epoch as RFC 3339 in UTC with milliseconds, as JavaScript's
@@ -541,8 +740,14 @@ mod tests {
     #[test]
     fn rfc3339_matches_known_dates() {
         assert_eq!(rfc3339(Duration::from_secs(0)), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(Duration::from_millis(1_735_689_600_123)), "2025-01-01T00:00:00.123Z");
-        assert_eq!(rfc3339(Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(Duration::from_millis(1_735_689_600_123)),
+            "2025-01-01T00:00:00.123Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 
     #[test]

@@ -46,9 +46,18 @@ fn inventory_check_lists_every_problem() {
     let output = run(&["-i", path.to_str().unwrap(), "inventory", "check"]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("inventory.yaml:5:15: app.database.password must be a secret reference"), "{stderr}");
-    assert!(stderr.contains("inventory.yaml:10:14: invalid hosts.worker.address `10.0.0.300`"), "{stderr}");
-    assert!(stderr.contains("no host has the role `postgres`"), "{stderr}");
+    assert!(
+        stderr.contains("inventory.yaml:5:15: app.database.password must be a secret reference"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("inventory.yaml:10:14: invalid hosts.worker.address `10.0.0.300`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no host has the role `postgres`"),
+        "{stderr}"
+    );
     assert!(stderr.contains("no host has the role `redis`"), "{stderr}");
 }
 
@@ -56,12 +65,26 @@ fn inventory_check_lists_every_problem() {
 fn render_writes_each_hosts_files() {
     let dir = tempfile::tempdir().unwrap();
     let inventory = repository_inventory();
-    let output = run(&["-i", inventory.to_str().unwrap(), "render", "--out", dir.path().to_str().unwrap()]);
+    let output = run(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "render",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
 
-    let env_file = std::fs::read_to_string(dir.path().join("worker/etc/yametee-worker/worker.env")).unwrap();
-    assert!(env_file.contains("REDIS_URL=redis://:<secret:app.redis.password>@192.168.120.44:6379/0"), "{env_file}");
-    let hba = std::fs::read_to_string(dir.path().join("postgres/etc/postgresql/15/main/pg_hba.conf")).unwrap();
+    let env_file =
+        std::fs::read_to_string(dir.path().join("worker/etc/yametee-worker/worker.env")).unwrap();
+    assert!(
+        env_file.contains("REDIS_URL=redis://:<secret:app.redis.password>@192.168.120.44:6379/0"),
+        "{env_file}"
+    );
+    let hba = std::fs::read_to_string(
+        dir.path()
+            .join("postgres/etc/postgresql/15/main/pg_hba.conf"),
+    )
+    .unwrap();
     assert!(hba.contains("192.168.120.45/32"), "{hba}");
     assert!(dir.path().join("redis/etc/redis/yametee.conf").exists());
     assert!(dir.path().join("web/etc/yametee/ufw.rules").exists());
@@ -80,7 +103,13 @@ fn missing_secret_names_the_variable() {
 #[test]
 fn unknown_limit_host_is_usage_error() {
     let inventory = repository_inventory();
-    let output = run(&["-i", inventory.to_str().unwrap(), "--limit", "worker,nope", "render"]);
+    let output = run(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "--limit",
+        "worker,nope",
+        "render",
+    ]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unknown host in --limit: nope"), "{stderr}");

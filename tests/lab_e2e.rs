@@ -36,7 +36,10 @@ fn missing_prerequisite() -> Option<String> {
         }
     }
     if !worker_binary().exists() {
-        return Some(format!("no worker binary at {} (run cargo build --release --workspace)", worker_binary().display()));
+        return Some(format!(
+            "no worker binary at {} (run cargo build --release --workspace)",
+            worker_binary().display()
+        ));
     }
     None
 }
@@ -56,13 +59,21 @@ fn deploy_worker(worker: &Path, args: &[&str]) -> Output {
         .env("NO_COLOR", "1")
         .output()
         .expect("yametee-deploy runs");
-    eprintln!("$ yametee-deploy {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    eprintln!(
+        "$ yametee-deploy {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
     output
 }
 
 fn json(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|error| panic!("stdout is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout)))
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "stdout is not JSON ({error}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }
 
 /// Takes the lab down when the test ends, whether it passed or not.
@@ -89,11 +100,19 @@ fn lab_apply_verify_and_roll_back() {
 
     let up = deploy(&["lab", "up"]);
     let lab = Lab;
-    assert!(up.status.success(), "lab up failed:\n{}", String::from_utf8_lossy(&up.stdout));
+    assert!(
+        up.status.success(),
+        "lab up failed:\n{}",
+        String::from_utf8_lossy(&up.stdout)
+    );
 
     let first = deploy(&["--lab", "--format", "json", "apply"]);
     let first_report = json(&first);
-    assert_eq!(first.status.code(), Some(0), "first apply failed: {first_report:#}");
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "first apply failed: {first_report:#}"
+    );
     assert_eq!(first_report["ok"], true);
 
     let verify = deploy(&["--lab", "--format", "json", "verify"]);
@@ -103,9 +122,17 @@ fn lab_apply_verify_and_roll_back() {
         .expect("hosts")
         .iter()
         .flat_map(|host| {
-            host["checks"].as_array().expect("checks").iter().filter(|check| check["status"] != "pass").map(
-                move |check| format!("{} {}: {} ({})", host["name"], check["id"], check["status"], check["detail"]),
-            )
+            host["checks"]
+                .as_array()
+                .expect("checks")
+                .iter()
+                .filter(|check| check["status"] != "pass")
+                .map(move |check| {
+                    format!(
+                        "{} {}: {} ({})",
+                        host["name"], check["id"], check["status"], check["detail"]
+                    )
+                })
         })
         .collect();
     assert!(failed.is_empty(), "checks that did not pass: {failed:#?}");
@@ -115,29 +142,75 @@ fn lab_apply_verify_and_roll_back() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|host| host["checks"].as_array().unwrap().iter().map(|check| check["id"].as_str().unwrap()))
+        .flat_map(|host| {
+            host["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|check| check["id"].as_str().unwrap())
+        })
         .collect();
-    for id in ["ssh.reachable", "worker.startup-log", "worker.redis-ping", "worker.postgres-select1", "queue.depth", "e2e.probe-job", "firewall.rules", "firewall.blocks-redis"] {
-        assert!(check_ids.contains(&id), "verify has no {id} check: {check_ids:?}");
+    for id in [
+        "ssh.reachable",
+        "worker.startup-log",
+        "worker.redis-ping",
+        "worker.postgres-select1",
+        "queue.depth",
+        "e2e.probe-job",
+        "firewall.rules",
+        "firewall.blocks-redis",
+    ] {
+        assert!(
+            check_ids.contains(&id),
+            "verify has no {id} check: {check_ids:?}"
+        );
     }
 
     let second = deploy(&["--lab", "--format", "json", "apply"]);
     let second_report = json(&second);
-    assert_eq!(second.status.code(), Some(0), "second apply failed: {second_report:#}");
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "second apply failed: {second_report:#}"
+    );
     for host in second_report["hosts"].as_array().expect("hosts") {
-        assert_eq!(host["outcome"], "unchanged", "second apply changed {}: {host:#}", host["name"]);
-        assert_eq!(host["changes"].as_array().map(Vec::len), Some(0), "{host:#}");
-        assert_eq!(host["restarted"].as_array().map(Vec::len), Some(0), "{host:#}");
+        assert_eq!(
+            host["outcome"], "unchanged",
+            "second apply changed {}: {host:#}",
+            host["name"]
+        );
+        assert_eq!(
+            host["changes"].as_array().map(Vec::len),
+            Some(0),
+            "{host:#}"
+        );
+        assert_eq!(
+            host["restarted"].as_array().map(Vec::len),
+            Some(0),
+            "{host:#}"
+        );
     }
 
     let plan = deploy(&["--lab", "plan", "--detailed-exitcode"]);
-    assert_eq!(plan.status.code(), Some(0), "plan after apply is not in sync:\n{}", String::from_utf8_lossy(&plan.stdout));
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "plan after apply is not in sync:\n{}",
+        String::from_utf8_lossy(&plan.stdout)
+    );
 
     // /bin/false is a valid ELF binary that exits at once without reporting ready, so apply
     // must put the previous release back and fail.
-    let broken = deploy_worker(Path::new("/bin/false"), &["--lab", "--format", "json", "apply"]);
+    let broken = deploy_worker(
+        Path::new("/bin/false"),
+        &["--lab", "--format", "json", "apply"],
+    );
     let broken_report = json(&broken);
-    assert_eq!(broken.status.code(), Some(1), "apply of a broken worker did not fail: {broken_report:#}");
+    assert_eq!(
+        broken.status.code(),
+        Some(1),
+        "apply of a broken worker did not fail: {broken_report:#}"
+    );
     assert_eq!(broken_report["ok"], false);
     let worker = broken_report["hosts"]
         .as_array()
@@ -146,21 +219,46 @@ fn lab_apply_verify_and_roll_back() {
         .find(|host| host["name"] == "worker")
         .expect("worker host in the report");
     assert_eq!(worker["outcome"], "rolled-back", "{worker:#}");
-    assert!(worker["error"].as_str().unwrap_or_default().contains("did not become ready"), "{worker:#}");
+    assert!(
+        worker["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not become ready"),
+        "{worker:#}"
+    );
 
     let after_rollback = deploy(&["--lab", "--format", "json", "verify"]);
-    assert_eq!(after_rollback.status.code(), Some(0), "verify after the rollback failed: {:#}", json(&after_rollback));
+    assert_eq!(
+        after_rollback.status.code(),
+        Some(0),
+        "verify after the rollback failed: {:#}",
+        json(&after_rollback)
+    );
 
     let third = deploy(&["--lab", "--format", "json", "apply"]);
     let third_report = json(&third);
     assert_eq!(third.status.code(), Some(0), "{third_report:#}");
     for host in third_report["hosts"].as_array().expect("hosts") {
-        assert_eq!(host["outcome"], "unchanged", "apply after the rollback changed {}: {host:#}", host["name"]);
+        assert_eq!(
+            host["outcome"], "unchanged",
+            "apply after the rollback changed {}: {host:#}",
+            host["name"]
+        );
     }
 
     drop(lab);
-    let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip runs");
-    assert!(!String::from_utf8_lossy(&netns.stdout).contains("ytd-"), "a lab namespace is left: {}", String::from_utf8_lossy(&netns.stdout));
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip runs");
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains("ytd-"),
+        "a lab namespace is left: {}",
+        String::from_utf8_lossy(&netns.stdout)
+    );
     let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
-    assert!(!mounts.lines().any(|line| line.contains("yametee-deploy")), "a lab mount is left");
+    assert!(
+        !mounts.lines().any(|line| line.contains("yametee-deploy")),
+        "a lab mount is left"
+    );
 }

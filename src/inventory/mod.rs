@@ -182,17 +182,23 @@ impl Inventory {
 
     /// The one PostgreSQL host; validation guarantees it exists.
     pub fn postgres_host(&self) -> &Host {
-        self.hosts_with(Role::Postgres).next().expect("validated inventory has a postgres host")
+        self.hosts_with(Role::Postgres)
+            .next()
+            .expect("validated inventory has a postgres host")
     }
 
     /// The one Redis host; validation guarantees it exists.
     pub fn redis_host(&self) -> &Host {
-        self.hosts_with(Role::Redis).next().expect("validated inventory has a redis host")
+        self.hosts_with(Role::Redis)
+            .next()
+            .expect("validated inventory has a redis host")
     }
 
     /// Hosts that connect to PostgreSQL and Redis: the workers and the web platform.
     pub fn client_hosts(&self) -> impl Iterator<Item = &Host> {
-        self.hosts.iter().filter(|host| host.has_role(Role::Worker) || host.has_role(Role::Web))
+        self.hosts
+            .iter()
+            .filter(|host| host.has_role(Role::Worker) || host.has_role(Role::Web))
     }
 
     /// Every secret the inventory refers to, keyed by the setting that uses it.
@@ -205,8 +211,11 @@ impl Inventory {
 
     /// Keeps only the named hosts; an unknown name is an error naming it.
     pub fn limit_to(&mut self, names: &[String]) -> Result<(), InventoryError> {
-        let unknown: Vec<String> =
-            names.iter().filter(|name| self.host(name).is_none()).cloned().collect();
+        let unknown: Vec<String> = names
+            .iter()
+            .filter(|name| self.host(name).is_none())
+            .cloned()
+            .collect();
         if !unknown.is_empty() {
             return Err(InventoryError::UnknownHosts {
                 names: unknown,
@@ -253,10 +262,16 @@ pub enum InventoryError {
     },
     #[error("invalid inventory {}: {} problem{}\n{}", path.display(), problems.len(),
         if problems.len() == 1 { "" } else { "s" }, format_problems(path, problems))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
     #[error("unknown host{} in --limit: {}; the inventory has: {}",
         if names.len() == 1 { "" } else { "s" }, names.join(", "), known.join(", "))]
-    UnknownHosts { names: Vec<String>, known: Vec<String> },
+    UnknownHosts {
+        names: Vec<String>,
+        known: Vec<String>,
+    },
 }
 
 fn format_problems(path: &Path, problems: &[Problem]) -> String {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
 
 use super::{
-    App, Database, Host, Inventory, Problem, QueueThresholds, Redis, Role, SecretRef,
-    SshSettings, WebSettings, WorkerSettings,
+    App, Database, Host, Inventory, Problem, QueueThresholds, Redis, Role, SecretRef, SshSettings,
+    WebSettings, WorkerSettings,
 };
 
 type Node = MarkedYamlOwned;
@@ -73,7 +73,10 @@ struct Mapping<'a> {
 
 impl<'a> Mapping<'a> {
     fn get(&self, key: &str) -> Option<&'a Node> {
-        self.entries.iter().find(|(name, _)| name == key).map(|(_, node)| *node)
+        self.entries
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, node)| *node)
     }
 
     fn child_path(&self, key: &str) -> String {
@@ -106,10 +109,15 @@ impl Reader {
         let top = self.mapping(root, "", &["defaults", "app", "hosts"])?;
         let ssh_defaults = self.ssh_defaults(&top);
         let app = self.required(&top, "app").and_then(|node| self.app(node));
-        let hosts = self.required(&top, "hosts").and_then(|node| self.hosts(node, &ssh_defaults));
+        let hosts = self
+            .required(&top, "hosts")
+            .and_then(|node| self.hosts(node, &ssh_defaults));
 
         self.check_topology(root, &top, hosts.as_deref().unwrap_or_default());
-        Some(Inventory { hosts: hosts?, app: app? })
+        Some(Inventory {
+            hosts: hosts?,
+            app: app?,
+        })
     }
 
     fn ssh_defaults(&mut self, top: &Mapping) -> SshSettings {
@@ -134,12 +142,21 @@ impl Reader {
     }
 
     fn ssh(&mut self, node: &Node, path: &str, base: &SshSettings) -> SshSettings {
-        let keys = ["user", "port", "identity", "known_hosts", "sudo", "connect_timeout_secs"];
+        let keys = [
+            "user",
+            "port",
+            "identity",
+            "known_hosts",
+            "sudo",
+            "connect_timeout_secs",
+        ];
         let Some(ssh) = self.mapping(node, path, &keys) else {
             return base.clone();
         };
         SshSettings {
-            user: self.optional_name(&ssh, "user").unwrap_or_else(|| base.user.clone()),
+            user: self
+                .optional_name(&ssh, "user")
+                .unwrap_or_else(|| base.user.clone()),
             port: self.optional_port(&ssh, "port").unwrap_or(base.port),
             identity: self
                 .optional_string(&ssh, "identity")
@@ -159,13 +176,26 @@ impl Reader {
     fn app(&mut self, node: &Node) -> Option<App> {
         let keys = ["database", "redis", "queue", "worker", "web", "thresholds"];
         let app = self.mapping(node, "app", &keys)?;
-        let database = self.required(&app, "database").and_then(|node| self.database(node));
-        let redis = self.required(&app, "redis").and_then(|node| self.redis(node));
-        let queue = self.optional_queue_name(&app).unwrap_or_else(|| default::QUEUE.into());
+        let database = self
+            .required(&app, "database")
+            .and_then(|node| self.database(node));
+        let redis = self
+            .required(&app, "redis")
+            .and_then(|node| self.redis(node));
+        let queue = self
+            .optional_queue_name(&app)
+            .unwrap_or_else(|| default::QUEUE.into());
         let worker = self.worker(app.get("worker"));
         let web = self.web(app.get("web"));
         let thresholds = self.thresholds(app.get("thresholds"));
-        Some(App { database: database?, redis: redis?, queue, worker, web, thresholds })
+        Some(App {
+            database: database?,
+            redis: redis?,
+            queue,
+            worker,
+            web,
+            thresholds,
+        })
     }
 
     fn database(&mut self, node: &Node) -> Option<Database> {
@@ -173,15 +203,23 @@ impl Reader {
         let database = self.mapping(node, "app.database", &keys)?;
         let name = self.required_identifier(&database, "name");
         let user = self.required_identifier(&database, "user");
-        let password = self.required(&database, "password").and_then(|node| {
-            self.secret_ref(node, &database.child_path("password"))
-        });
-        let port = self.optional_port(&database, "port").unwrap_or(default::POSTGRES_PORT);
+        let password = self
+            .required(&database, "password")
+            .and_then(|node| self.secret_ref(node, &database.child_path("password")));
+        let port = self
+            .optional_port(&database, "port")
+            .unwrap_or(default::POSTGRES_PORT);
         let version = self
             .optional_integer(&database, "version", 9, 99)
             .map(|version| version as u32)
             .unwrap_or(default::POSTGRES_VERSION);
-        Some(Database { name: name?, user: user?, password: password?, port, version })
+        Some(Database {
+            name: name?,
+            user: user?,
+            password: password?,
+            port,
+            version,
+        })
     }
 
     fn redis(&mut self, node: &Node) -> Option<Redis> {
@@ -189,16 +227,25 @@ impl Reader {
         let password = self
             .required(&redis, "password")
             .and_then(|node| self.secret_ref(node, &redis.child_path("password")));
-        let port = self.optional_port(&redis, "port").unwrap_or(default::REDIS_PORT);
+        let port = self
+            .optional_port(&redis, "port")
+            .unwrap_or(default::REDIS_PORT);
         let maxmemory = self.optional_string(&redis, "maxmemory");
         if let (Some(value), Some(node)) = (&maxmemory, redis.get("maxmemory")) {
             if !is_memory_size(value) {
-                self.report(node, format!(
+                self.report(
+                    node,
+                    format!(
                     "invalid app.redis.maxmemory `{value}`; expected a size such as 256mb or 1gb"
-                ));
+                ),
+                );
             }
         }
-        Some(Redis { password: password?, port, maxmemory })
+        Some(Redis {
+            password: password?,
+            port,
+            maxmemory,
+        })
     }
 
     fn worker(&mut self, node: Option<&Node>) -> WorkerSettings {
@@ -208,7 +255,12 @@ impl Reader {
             ready_timeout_secs: default::WORKER_READY_TIMEOUT_SECS,
             memory_budget_mb: default::WORKER_MEMORY_BUDGET_MB,
         };
-        let keys = ["name", "concurrency", "ready_timeout_secs", "memory_budget_mb"];
+        let keys = [
+            "name",
+            "concurrency",
+            "ready_timeout_secs",
+            "memory_budget_mb",
+        ];
         let Some(mapping) = node.and_then(|node| self.mapping(node, "app.worker", &keys)) else {
             return worker;
         };
@@ -228,7 +280,10 @@ impl Reader {
     }
 
     fn web(&mut self, node: Option<&Node>) -> WebSettings {
-        let mut web = WebSettings { start_command: None, working_directory: None };
+        let mut web = WebSettings {
+            start_command: None,
+            working_directory: None,
+        };
         let keys = ["start_command", "working_directory"];
         if let Some(mapping) = node.and_then(|node| self.mapping(node, "app.web", &keys)) {
             web.start_command = self.optional_string(&mapping, "start_command");
@@ -265,7 +320,10 @@ impl Reader {
 
     fn hosts(&mut self, node: &Node, ssh_defaults: &SshSettings) -> Option<Vec<Host>> {
         let YamlDataOwned::Mapping(entries) = &node.data else {
-            self.report(node, "`hosts` must be a mapping of host name to host settings");
+            self.report(
+                node,
+                "`hosts` must be a mapping of host name to host settings",
+            );
             return None;
         };
         if entries.is_empty() {
@@ -282,10 +340,13 @@ impl Reader {
                 continue;
             };
             if !is_host_name(&name) {
-                self.report(key, format!(
-                    "invalid host name `{name}`; expected lowercase letters, digits and '-', \
+                self.report(
+                    key,
+                    format!(
+                        "invalid host name `{name}`; expected lowercase letters, digits and '-', \
                      starting with a letter, at most 63 characters"
-                ));
+                    ),
+                );
                 complete = false;
             }
             match self.host(name, value, ssh_defaults) {
@@ -299,13 +360,22 @@ impl Reader {
     fn host(&mut self, name: String, node: &Node, ssh_defaults: &SshSettings) -> Option<Host> {
         let path = format!("hosts.{name}");
         let host = self.mapping(node, &path, &["address", "roles", "ssh"])?;
-        let address = self.required(&host, "address").and_then(|node| self.ipv4(node, &path));
-        let roles = self.required(&host, "roles").and_then(|node| self.roles(node, &path));
+        let address = self
+            .required(&host, "address")
+            .and_then(|node| self.ipv4(node, &path));
+        let roles = self
+            .required(&host, "roles")
+            .and_then(|node| self.roles(node, &path));
         let ssh = match host.get("ssh") {
             Some(node) => self.ssh(node, &format!("{path}.ssh"), ssh_defaults),
             None => ssh_defaults.clone(),
         };
-        Some(Host { name, address: address?, roles: roles?, ssh })
+        Some(Host {
+            name,
+            address: address?,
+            roles: roles?,
+            ssh,
+        })
     }
 
     fn ipv4(&mut self, node: &Node, host_path: &str) -> Option<Ipv4Addr> {
@@ -313,10 +383,13 @@ impl Reader {
         match text.parse::<Ipv4Addr>() {
             Ok(address) => Some(address),
             Err(_) => {
-                self.report(node, format!(
-                    "invalid {host_path}.address `{text}`; expected an IPv4 address such as \
+                self.report(
+                    node,
+                    format!(
+                        "invalid {host_path}.address `{text}`; expected an IPv4 address such as \
                      192.168.120.45"
-                ));
+                    ),
+                );
                 None
             }
         }
@@ -325,7 +398,10 @@ impl Reader {
     fn roles(&mut self, node: &Node, host_path: &str) -> Option<Vec<Role>> {
         let expected = "expected a list of roles from: postgres, redis, worker, web";
         let YamlDataOwned::Sequence(items) = &node.data else {
-            self.report(node, format!("{host_path}.roles must be a list; {expected}"));
+            self.report(
+                node,
+                format!("{host_path}.roles must be a list; {expected}"),
+            );
             return None;
         };
         if items.is_empty() {
@@ -341,7 +417,10 @@ impl Reader {
                     roles.insert(role);
                 }
                 None => {
-                    self.report(item, format!("unknown role `{text}` in {host_path}; {expected}"));
+                    self.report(
+                        item,
+                        format!("unknown role `{text}` in {host_path}; {expected}"),
+                    );
                     valid = false;
                 }
             }
@@ -359,16 +438,24 @@ impl Reader {
             return;
         }
         for role in [Role::Postgres, Role::Redis] {
-            let count = self.host_roles.iter().filter(|roles| roles.contains(&role)).count();
+            let count = self
+                .host_roles
+                .iter()
+                .filter(|roles| roles.contains(&role))
+                .count();
             if count == 0 {
-                self.report(hosts_node, format!(
-                    "no host has the role `{role}`; expected exactly one {role} host"
-                ));
+                self.report(
+                    hosts_node,
+                    format!("no host has the role `{role}`; expected exactly one {role} host"),
+                );
             } else if count > 1 {
-                self.report(hosts_node, format!(
-                    "{count} hosts have the role `{role}`; expected exactly one {role} host \
+                self.report(
+                    hosts_node,
+                    format!(
+                        "{count} hosts have the role `{role}`; expected exactly one {role} host \
                      (replication is not managed)"
-                ));
+                    ),
+                );
             }
         }
 
@@ -380,10 +467,13 @@ impl Reader {
                     .and_then(|hosts| hosts.data.as_mapping_get(&host.name))
                     .and_then(|host| host.data.as_mapping_get("address"))
                     .unwrap_or(hosts_node);
-                self.report(node, format!(
-                    "hosts.{}.address {} is already the address of host `{other}`",
-                    host.name, host.address
-                ));
+                self.report(
+                    node,
+                    format!(
+                        "hosts.{}.address {} is already the address of host `{other}`",
+                        host.name, host.address
+                    ),
+                );
             }
             seen.push((host.address, &host.name));
         }
@@ -393,8 +483,15 @@ impl Reader {
 
     fn mapping<'a>(&mut self, node: &'a Node, path: &str, keys: &[&str]) -> Option<Mapping<'a>> {
         let YamlDataOwned::Mapping(raw) = &node.data else {
-            let what = if path.is_empty() { "the inventory" } else { path };
-            self.report(node, format!("{what} must be a mapping with keys: {}", keys.join(", ")));
+            let what = if path.is_empty() {
+                "the inventory"
+            } else {
+                path
+            };
+            self.report(
+                node,
+                format!("{what} must be a mapping with keys: {}", keys.join(", ")),
+            );
             return None;
         };
         let mut entries = Vec::new();
@@ -404,16 +501,27 @@ impl Reader {
                 continue;
             };
             if !keys.contains(&name.as_str()) {
-                let place = if path.is_empty() { "at the top level".into() } else { format!("in {path}") };
-                self.report(key, format!(
-                    "unknown key `{name}` {place}; expected one of: {}",
-                    keys.join(", ")
-                ));
+                let place = if path.is_empty() {
+                    "at the top level".into()
+                } else {
+                    format!("in {path}")
+                };
+                self.report(
+                    key,
+                    format!(
+                        "unknown key `{name}` {place}; expected one of: {}",
+                        keys.join(", ")
+                    ),
+                );
                 continue;
             }
             entries.push((name, value));
         }
-        Some(Mapping { path: path.to_string(), node, entries })
+        Some(Mapping {
+            path: path.to_string(),
+            node,
+            entries,
+        })
     }
 
     fn required<'a>(&mut self, mapping: &Mapping<'a>, key: &str) -> Option<&'a Node> {
@@ -435,7 +543,9 @@ impl Reader {
             return None;
         }
         match &node.data {
-            YamlDataOwned::Value(ScalarOwned::String(text)) if !text.is_empty() => Some(text.clone()),
+            YamlDataOwned::Value(ScalarOwned::String(text)) if !text.is_empty() => {
+                Some(text.clone())
+            }
             _ => {
                 let path = mapping.child_path(key);
                 self.report(node, format!("{path} must be a non-empty string"));
@@ -463,24 +573,32 @@ impl Reader {
         if is_sql_identifier(&text) {
             return Some(text);
         }
-        self.report(node, format!(
+        self.report(
+            node,
+            format!(
             "invalid {path} `{text}`; expected a PostgreSQL name: lowercase letters, digits and \
              '_', starting with a letter, at most 63 characters"
-        ));
+        ),
+        );
         None
     }
 
     fn optional_queue_name(&mut self, mapping: &Mapping) -> Option<String> {
         let value = self.optional_string(mapping, "queue")?;
         let valid = value.len() <= 200
-            && value.chars().all(|c| c.is_ascii_alphanumeric() || "_-:.".contains(c));
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-:.".contains(c));
         if valid {
             return Some(value);
         }
-        self.report(mapping.get("queue")?, format!(
+        self.report(
+            mapping.get("queue")?,
+            format!(
             "invalid app.queue `{value}`; expected a Redis key of letters, digits, '_', '-', ':' \
              and '.'"
-        ));
+        ),
+        );
         None
     }
 
@@ -494,7 +612,13 @@ impl Reader {
         None
     }
 
-    fn optional_integer(&mut self, mapping: &Mapping, key: &str, min: u64, max: u64) -> Option<u64> {
+    fn optional_integer(
+        &mut self,
+        mapping: &Mapping,
+        key: &str,
+        min: u64,
+        max: u64,
+    ) -> Option<u64> {
         let node = mapping.get(key)?;
         if let YamlDataOwned::Value(ScalarOwned::Integer(value)) = node.data {
             if let Ok(value) = u64::try_from(value) {
@@ -505,25 +629,33 @@ impl Reader {
         }
         let path = mapping.child_path(key);
         let shown = scalar_string(node).unwrap_or_else(|| "a non-scalar value".into());
-        self.report(node, format!(
-            "invalid {path} `{shown}`; expected a whole number from {min} to {max}"
-        ));
+        self.report(
+            node,
+            format!("invalid {path} `{shown}`; expected a whole number from {min} to {max}"),
+        );
         None
     }
 
     fn optional_port(&mut self, mapping: &Mapping, key: &str) -> Option<u16> {
-        self.optional_integer(mapping, key, 1, 65535).map(|port| port as u16)
+        self.optional_integer(mapping, key, 1, 65535)
+            .map(|port| port as u16)
     }
 
     fn secret_ref(&mut self, node: &Node, path: &str) -> Option<SecretRef> {
         let expected = "expected {env: NAME} or {file: PATH}; secrets are never written in \
                         the inventory";
         let YamlDataOwned::Mapping(entries) = &node.data else {
-            self.report(node, format!("{path} must be a secret reference; {expected}"));
+            self.report(
+                node,
+                format!("{path} must be a secret reference; {expected}"),
+            );
             return None;
         };
         if entries.len() != 1 {
-            self.report(node, format!("{path} must have exactly one key; {expected}"));
+            self.report(
+                node,
+                format!("{path} must have exactly one key; {expected}"),
+            );
             return None;
         }
         let (key, value) = entries.iter().next()?;
@@ -532,10 +664,13 @@ impl Reader {
         match kind.as_str() {
             "env" if is_env_name(&text) => Some(SecretRef::Env(text)),
             "env" => {
-                self.report(value, format!(
-                    "invalid environment variable name `{text}` in {path}; expected uppercase \
+                self.report(
+                    value,
+                    format!(
+                        "invalid environment variable name `{text}` in {path}; expected uppercase \
                      letters, digits and '_'"
-                ));
+                    ),
+                );
                 None
             }
             "file" if !text.is_empty() => Some(SecretRef::File(PathBuf::from(text))),
@@ -544,7 +679,10 @@ impl Reader {
                 None
             }
             _ => {
-                self.report(key, format!("unknown secret source `{kind}` in {path}; {expected}"));
+                self.report(
+                    key,
+                    format!("unknown secret source `{kind}` in {path}; {expected}"),
+                );
                 None
             }
         }
@@ -590,7 +728,9 @@ fn is_sql_identifier(name: &str) -> bool {
 
 fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
         && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
@@ -637,7 +777,10 @@ hosts:
         let inventory = parse_inventory(VALID).expect("valid inventory");
         assert_eq!(inventory.hosts.len(), 2);
         assert_eq!(inventory.app.queue, "yametee:jobs");
-        assert_eq!(inventory.app.database.password, SecretRef::Env("PG_PASSWORD".into()));
+        assert_eq!(
+            inventory.app.database.password,
+            SecretRef::Env("PG_PASSWORD".into())
+        );
         assert_eq!(inventory.hosts[0].ssh.user, "deploy");
         assert_eq!(inventory.hosts[1].ssh.user, "ops");
         assert_eq!(inventory.hosts[1].ssh.port, 2222);
@@ -662,7 +805,9 @@ hosts:
     roles: [web, cache]
 ";
         let found = problems(text);
-        assert_eq!(found, vec![
+        assert_eq!(
+            found,
+            vec![
             "3:11: invalid app.database.name `Yame-Tee`; expected a PostgreSQL name: lowercase \
              letters, digits and '_', starting with a letter, at most 63 characters",
             "5:15: app.database.password must be a secret reference; expected {env: NAME} or \
@@ -675,7 +820,8 @@ hosts:
              192.168.120.45",
             "12:18: unknown role `cache` in hosts.web; expected a list of roles from: postgres, \
              redis, worker, web",
-        ]);
+        ]
+        );
     }
 
     #[test]
@@ -683,17 +829,24 @@ hosts:
         let text = VALID.replace("[postgres, redis]", "[web]");
         let found = problems(&text);
         assert_eq!(found.len(), 2, "{found:?}");
-        assert!(found[0].contains("no host has the role `postgres`"), "{found:?}");
-        assert!(found[1].contains("no host has the role `redis`"), "{found:?}");
+        assert!(
+            found[0].contains("no host has the role `postgres`"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].contains("no host has the role `redis`"),
+            "{found:?}"
+        );
     }
 
     #[test]
     fn duplicate_address_is_rejected() {
         let text = VALID.replace("10.0.0.3", "10.0.0.2");
         let found = problems(&text);
-        assert_eq!(found, vec![
-            "13:14: hosts.worker-1.address 10.0.0.2 is already the address of host `db`"
-        ]);
+        assert_eq!(
+            found,
+            vec!["13:14: hosts.worker-1.address 10.0.0.2 is already the address of host `db`"]
+        );
     }
 
     #[test]
@@ -706,10 +859,13 @@ hosts:
     #[test]
     fn missing_sections_are_named() {
         let found = problems("defaults: {}\n");
-        assert_eq!(found, vec![
-            "1:1: missing key `app` at the top level",
-            "1:1: missing key `hosts` at the top level",
-        ]);
+        assert_eq!(
+            found,
+            vec![
+                "1:1: missing key `app` at the top level",
+                "1:1: missing key `hosts` at the top level",
+            ]
+        );
     }
 
     #[test]
