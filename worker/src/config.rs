@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::redact::{redact_url, url_passwords};
 
-/// Queue list used when `YAMETEE_QUEUE` is not set; the web platform pushes jobs here.
+/// Queue list used when `QUEUE_NAME` is not set; the web platform pushes jobs here.
 pub const DEFAULT_QUEUE: &str = "yametee:jobs";
 /// Worker name used when `WORKER_NAME` is not set; it appears in the startup log lines.
 pub const DEFAULT_WORKER_NAME: &str = "yametee-worker";
@@ -97,7 +97,7 @@ impl Config {
             problems.extend(check_redis_url(url));
         }
 
-        let queue = optional(&lookup, "YAMETEE_QUEUE").unwrap_or_else(|| DEFAULT_QUEUE.to_string());
+        let queue = optional(&lookup, "QUEUE_NAME").unwrap_or_else(|| DEFAULT_QUEUE.to_string());
         problems.extend(check_queue_name(&queue));
 
         let worker_name =
@@ -297,7 +297,7 @@ fn check_redis_url(url: &str) -> Vec<ConfigProblem> {
 fn check_queue_name(queue: &str) -> Vec<ConfigProblem> {
     if queue.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return vec![ConfigProblem {
-            variable: "YAMETEE_QUEUE",
+            variable: "QUEUE_NAME",
             message: format!("must not contain spaces or control characters, got {queue:?}"),
         }];
     }
@@ -358,7 +358,7 @@ mod tests {
         let config = config_from(&[
             ("DATABASE_URL", GOOD_DATABASE_URL),
             ("REDIS_URL", GOOD_REDIS_URL),
-            ("YAMETEE_QUEUE", "staging:jobs"),
+            ("QUEUE_NAME", "staging:jobs"),
             ("WORKER_NAME", "worker-2"),
             ("WORKER_CONCURRENCY", "8"),
             ("WORKER_DRAIN_TIMEOUT_SECS", "0"),
@@ -401,7 +401,7 @@ mod tests {
         let problems = config_from(&[
             ("DATABASE_URL", "mysql://u:dbsecret@db/app"),
             ("REDIS_URL", "redis://:redissecret@cache:6379/zero"),
-            ("YAMETEE_QUEUE", "bad queue"),
+            ("QUEUE_NAME", "bad queue"),
             ("WORKER_NAME", "worker@host"),
             ("WORKER_CONCURRENCY", "65"),
             ("WORKER_DRAIN_TIMEOUT_SECS", "-1"),
@@ -413,7 +413,7 @@ mod tests {
             vec![
                 "DATABASE_URL",
                 "REDIS_URL",
-                "YAMETEE_QUEUE",
+                "QUEUE_NAME",
                 "WORKER_NAME",
                 "WORKER_CONCURRENCY",
                 "WORKER_DRAIN_TIMEOUT_SECS",

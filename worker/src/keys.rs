@@ -1,7 +1,7 @@
 //! Names of the Redis keys the worker reads and writes.
 //!
 //! Every key except the probe result is named after the queue list, so two deployments
-//! with different `YAMETEE_QUEUE` values share one Redis without touching each other.
+//! with different `QUEUE_NAME` values share one Redis without touching each other.
 
 /// Prefix of the key a `verify:probe` job writes. It is fixed, not derived from the
 /// queue name, because the deploy tool's verification polls exactly this key.
