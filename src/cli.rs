@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::deploy::{error_chain, Deployment};
-use crate::inventory::{Inventory, SecretRef};
+use crate::inventory::{Inventory, InventoryError, SecretRef};
 use crate::lab::{self, LabContext, LabHost, LabSpec};
 use crate::plan::WorkerBinary;
 use crate::render::Renderer;
@@ -110,7 +110,8 @@ pub enum LabCommand {
     Ssh {
         /// Inventory name of the host.
         host: String,
-        /// Command to run instead of a login shell.
+        /// Command to run instead of a login shell. One argument is a shell command line run by
+        /// the host's shell; several are a program and its arguments, passed unchanged.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
@@ -203,6 +204,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
                 ssh: &deployment.ssh,
                 worker: deployment.worker.as_ref(),
                 renderer: &deployment.renderer,
+                targets: &deployment.targets,
             };
             let report = verifier.run().await;
             print!("{}", report::verify(&report, cli.format));
@@ -215,15 +217,14 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
     }
 }
 
-fn load_inventory(cli: &Cli) -> Result<Inventory, Fatal> {
-    let mut inventory =
+/// Loads the whole inventory and the names of the hosts selected by `--limit`.
+fn load_inventory(cli: &Cli) -> Result<(Inventory, Vec<String>), Fatal> {
+    let inventory =
         Inventory::load(&cli.inventory).map_err(|error| Fatal::usage(error_chain(&error)))?;
-    if !cli.limit.is_empty() {
-        inventory
-            .limit_to(&cli.limit)
-            .map_err(|error| Fatal::usage(error.to_string()))?;
-    }
-    Ok(inventory)
+    let targets = inventory
+        .select(&cli.limit)
+        .map_err(|error| Fatal::usage(error.to_string()))?;
+    Ok((inventory, targets))
 }
 
 /// Resolves inventory, secrets, SSH settings and the worker binary before any connection.
@@ -232,7 +233,7 @@ fn deployment(
     lab: Option<&LabContext>,
     binary_required: bool,
 ) -> Result<Deployment, Fatal> {
-    let inventory = load_inventory(cli)?;
+    let (inventory, targets) = load_inventory(cli)?;
     let fallback = lab
         .map(|context| context.secrets.clone())
         .unwrap_or_default();
@@ -254,8 +255,7 @@ fn deployment(
 
     let has_workers = inventory
         .hosts_with(crate::inventory::Role::Worker)
-        .next()
-        .is_some();
+        .any(|host| targets.contains(&host.name));
     let worker_path = cli.worker_binary.clone().or_else(default_worker_binary);
     let worker = match worker_path {
         Some(path) if has_workers => match WorkerBinary::load(&path) {
@@ -281,6 +281,7 @@ fn deployment(
         ssh,
         worker,
         renderer: Renderer::new(),
+        targets,
     })
 }
 
@@ -291,26 +292,37 @@ fn default_worker_binary() -> Option<PathBuf> {
 }
 
 fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal> {
-    let inventory = load_inventory(cli)?;
-    match command {
-        InventoryCommand::Check => match cli.format {
-            Format::Json => println!(
+    let inventory = match Inventory::load(&cli.inventory) {
+        Ok(inventory) => inventory,
+        Err(InventoryError::Invalid { problems, .. }) if cli.format == Format::Json => {
+            let document = serde_json::json!({ "ok": false, "problems": problems });
+            println!(
                 "{}",
-                serde_json::json!({ "ok": true, "hosts": inventory.hosts.len() })
-            ),
-            _ => println!(
-                "{}: valid, {} hosts ({})",
-                cli.inventory.display(),
-                inventory.hosts.len(),
-                inventory
-                    .hosts
-                    .iter()
-                    .map(|host| host.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-        InventoryCommand::Show => {
+                serde_json::to_string_pretty(&document).expect("problems serialize")
+            );
+            return Ok(exit::USAGE);
+        }
+        Err(error) => return Err(Fatal::usage(error_chain(&error))),
+    };
+    let names: Vec<&str> = inventory
+        .hosts
+        .iter()
+        .map(|host| host.name.as_str())
+        .collect();
+    match (command, cli.format) {
+        (InventoryCommand::Check, Format::Json) => {
+            println!(
+                "{}",
+                serde_json::json!({ "ok": true, "problems": [], "hosts": names })
+            );
+        }
+        (InventoryCommand::Check, _) => println!(
+            "{}: valid, {} hosts ({})",
+            cli.inventory.display(),
+            names.len(),
+            names.join(", ")
+        ),
+        (InventoryCommand::Show, _) => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&inventory).expect("inventory serializes")
@@ -320,35 +332,80 @@ fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal>
     Ok(exit::SUCCESS)
 }
 
+/// A rendered file as `render --format json` prints it.
+#[derive(serde::Serialize)]
+struct RenderedFileDocument<'a> {
+    host: &'a str,
+    path: &'a str,
+    mode: String,
+    owner: &'a str,
+    group: &'a str,
+    content: &'a str,
+}
+
 fn render(cli: &Cli, out: Option<&Path>) -> Result<u8, Fatal> {
-    let inventory = load_inventory(cli)?;
+    let (inventory, targets) = load_inventory(cli)?;
     let secrets = Secrets::placeholders(&inventory);
     let renderer = Renderer::new();
-    let mut written = 0;
-    for host in &inventory.hosts {
+    let mut rendered = Vec::new();
+    for host in inventory
+        .hosts
+        .iter()
+        .filter(|host| targets.contains(&host.name))
+    {
         let desired = renderer
             .render_host(&inventory, host, &secrets)
             .map_err(|error| Fatal::failure(error_chain(&error)))?;
-        for file in &desired.files {
-            match out {
-                Some(dir) => {
-                    let target = dir.join(&host.name).join(file.path.trim_start_matches('/'));
-                    write_local(&target, &file.content)?;
-                    written += 1;
-                }
-                None => print!(
-                    "==> {}:{} ({:04o} {}:{}) <==\n{}\n",
-                    host.name, file.path, file.mode, file.owner, file.group, file.content
-                ),
-            }
-        }
+        rendered.extend(
+            desired
+                .files
+                .into_iter()
+                .map(|file| (host.name.as_str(), file)),
+        );
     }
+
     if let Some(dir) = out {
+        for (host, file) in &rendered {
+            write_local(
+                &dir.join(host).join(file.path.trim_start_matches('/')),
+                &file.content,
+            )?;
+        }
         eprintln!(
-            "wrote {written} files for {} hosts under {}",
-            inventory.hosts.len(),
+            "wrote {} files for {} hosts under {}",
+            rendered.len(),
+            targets.len(),
             dir.display()
         );
+        return Ok(exit::SUCCESS);
+    }
+    match cli.format {
+        Format::Json => {
+            let documents: Vec<RenderedFileDocument> = rendered
+                .iter()
+                .map(|(host, file)| RenderedFileDocument {
+                    host,
+                    path: &file.path,
+                    mode: format!("{:04o}", file.mode),
+                    owner: &file.owner,
+                    group: &file.group,
+                    content: &file.content,
+                })
+                .collect();
+            let document = serde_json::json!({ "ok": true, "files": documents });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&document).expect("files serialize")
+            );
+        }
+        _ => {
+            for (host, file) in &rendered {
+                print!(
+                    "==> {host}:{} ({:04o} {}:{}) <==\n{}\n",
+                    file.path, file.mode, file.owner, file.group, file.content
+                );
+            }
+        }
     }
     Ok(exit::SUCCESS)
 }
@@ -393,7 +450,7 @@ fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
     let lab_error = |error: lab::LabError| Fatal::failure(error_chain(&error));
     match command {
         LabCommand::Up => {
-            let inventory = load_inventory(cli)?;
+            let (inventory, _) = load_inventory(cli)?;
             let status = lab::up(&lab_spec(&inventory)).map_err(lab_error)?;
             print_lab_status(&status, cli.format);
             Ok(if status.is_ready() {
@@ -417,7 +474,8 @@ fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
             })
         }
         LabCommand::Ssh { host, command } => {
-            let mut ssh = lab::ssh_command(host, command).map_err(lab_error)?;
+            let mut ssh =
+                lab::ssh_command(host, remote_command_line(command)).map_err(lab_error)?;
             let status = ssh
                 .status()
                 .map_err(|error| Fatal::failure(format!("cannot run ssh: {error}")))?;
@@ -426,6 +484,19 @@ fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
                 .map_or(exit::FAILURE, |code| code.clamp(0, 255) as u8))
         }
     }
+}
+
+/// The command line `lab ssh` sends: one argument is a shell command line, as with ssh
+/// itself; several are a program and its arguments, each quoted so it arrives unchanged.
+fn remote_command_line(command: &[String]) -> Vec<String> {
+    if command.len() <= 1 {
+        return command.to_vec();
+    }
+    vec![command
+        .iter()
+        .map(|word| crate::ssh::shell_quote(word))
+        .collect::<Vec<_>>()
+        .join(" ")]
 }
 
 fn print_lab_status(status: &lab::LabStatus, format: Format) {

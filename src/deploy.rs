@@ -27,6 +27,8 @@ pub struct Deployment {
     pub ssh: SshOverrides,
     pub worker: Option<WorkerBinary>,
     pub renderer: Renderer,
+    /// Names of the hosts this run works on (`--limit`); the others are only rendered from.
+    pub targets: Vec<String>,
 }
 
 /// The plan of one host, as shown by `plan`.
@@ -41,6 +43,14 @@ pub struct HostPlanReport {
 }
 
 impl Deployment {
+    /// The hosts this run works on, in inventory order.
+    pub fn target_hosts(&self) -> impl Iterator<Item = &Host> {
+        self.inventory
+            .hosts
+            .iter()
+            .filter(|host| self.targets.contains(&host.name))
+    }
+
     fn worker_for(&self, host: &Host) -> Option<&WorkerBinary> {
         if host.has_role(Role::Worker) {
             self.worker.as_ref()
@@ -82,7 +92,7 @@ impl Deployment {
     /// Plans every host without changing anything.
     pub async fn plan(&self) -> Vec<HostPlanReport> {
         let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
-        let reports = self.inventory.hosts.iter().map(|host| {
+        let reports = self.target_hosts().map(|host| {
             let limit = limit.clone();
             async move {
                 let _permit = limit.acquire().await.expect("semaphore is never closed");
@@ -127,7 +137,7 @@ impl Deployment {
     /// Applies every host, tier by tier.
     pub async fn apply(&self) -> Vec<HostReport> {
         let mut tiers: BTreeMap<u8, Vec<&Host>> = BTreeMap::new();
-        for host in &self.inventory.hosts {
+        for host in self.target_hosts() {
             tiers.entry(host.tier()).or_default().push(host);
         }
 

@@ -225,10 +225,11 @@ impl HostPlan {
 }
 
 fn file_diff(file: &RenderedFile, previous: Option<&RemoteFile>, secrets: &Secrets) -> String {
+    let redact = |text: &str| crate::secrets::mask_secret_like(&secrets.redact(text));
     let old = previous
-        .map(|previous| secrets.redact(&previous.content))
+        .map(|previous| redact(&previous.content))
         .unwrap_or_default();
-    let new = secrets.redact(&file.content);
+    let new = redact(&file.content);
     let old_name = if previous.is_some() {
         file.path.clone()
     } else {
@@ -568,6 +569,8 @@ mod tests {
             "{diff}"
         );
         assert!(!diff.contains("s3cret-value"), "{diff}");
+        assert!(diff.contains("-requirepass <redacted>"), "{diff}");
+        assert!(!diff.contains("requirepass old"), "{diff}");
     }
 
     #[test]

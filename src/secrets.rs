@@ -147,6 +147,70 @@ impl Secrets {
     }
 }
 
+/// Hides values that look like secrets but are not the current ones, such as a rotated
+/// password still in a host's old file: the argument of `requirepass` and `masterauth`, the
+/// password in a URL's user info, and the value of an `..._PASSWORD=` variable. Placeholders
+/// are kept, so a diff still shows which secret a line carries.
+pub fn mask_secret_like(text: &str) -> String {
+    let mut masked = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let (body, newline) = match line.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (line, ""),
+        };
+        masked.push_str(&mask_line(body));
+        masked.push_str(newline);
+    }
+    masked
+}
+
+const MASK: &str = "<redacted>";
+
+fn is_placeholder(value: &str) -> bool {
+    value.starts_with("<secret:") || value == MASK
+}
+
+fn mask_line(line: &str) -> String {
+    let trimmed = line.trim_start();
+    let indent = &line[..line.len() - trimmed.len()];
+    for directive in ["requirepass ", "masterauth "] {
+        if let Some(value) = trimmed.strip_prefix(directive) {
+            if !is_placeholder(value.trim()) {
+                return format!("{indent}{directive}{MASK}");
+            }
+        }
+    }
+    if let Some((name, value)) = trimmed.split_once('=') {
+        if name.ends_with("PASSWORD") && !value.is_empty() && !is_placeholder(value) {
+            return format!("{indent}{name}={MASK}");
+        }
+    }
+    mask_url_passwords(line)
+}
+
+/// Replaces the password of every `scheme://user:password@` in `line`.
+fn mask_url_passwords(line: &str) -> String {
+    let mut result = String::new();
+    let mut rest = line;
+    while let Some(start) = rest.find("://") {
+        let (before, after) = rest.split_at(start + 3);
+        result.push_str(before);
+        let authority_end = after.find(['/', ' ', '"', '\'']).unwrap_or(after.len());
+        let authority = &after[..authority_end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at && !is_placeholder(&authority[colon + 1..at]) => {
+                result.push_str(&authority[..colon + 1]);
+                result.push_str(MASK);
+                result.push_str(&authority[at..]);
+            }
+            _ => result.push_str(authority),
+        }
+        rest = &after[authority_end..];
+    }
+    result.push_str(rest);
+    result
+}
+
 fn placeholder(setting: &str) -> String {
     format!("<secret:{setting}>")
 }
@@ -184,6 +248,27 @@ mod tests {
     fn redact_prefers_longer_secret() {
         let secrets = Secrets::for_tests(&[("a", "abc"), ("b", "abcdef")]);
         assert_eq!(secrets.redact("x abcdef abc"), "x <secret:b> <secret:a>");
+    }
+
+    #[test]
+    fn mask_hides_unknown_secret_values() {
+        let text = "requirepass OldPw42\nrequirepass <secret:app.redis.password>\n\
+                    REDIS_URL=redis://:OldPw42@10.0.0.1:6379/0\n\
+                    DATABASE_URL=postgres://app:<secret:app.database.password>@db:5432/app\n\
+                    PGPASSWORD=hunter2\nport 6379";
+        assert_eq!(
+            mask_secret_like(text),
+            "requirepass <redacted>\nrequirepass <secret:app.redis.password>\n\
+             REDIS_URL=redis://:<redacted>@10.0.0.1:6379/0\n\
+             DATABASE_URL=postgres://app:<secret:app.database.password>@db:5432/app\n\
+             PGPASSWORD=<redacted>\nport 6379"
+        );
+    }
+
+    #[test]
+    fn mask_leaves_urls_without_password() {
+        let line = "see https://example.org/a:b@c and redis://10.0.0.1:6379/0";
+        assert_eq!(mask_secret_like(line), line);
     }
 
     #[test]

@@ -209,8 +209,18 @@ impl Inventory {
         ])
     }
 
-    /// Keeps only the named hosts; an unknown name is an error naming it.
-    pub fn limit_to(&mut self, names: &[String]) -> Result<(), InventoryError> {
+    /// Returns the names of the hosts a command works on: all of them when `names` is empty,
+    /// else the named ones. Rendering always uses the whole inventory, so working on some
+    /// hosts never changes the firewall rules or pg_hba lines that concern the others.
+    pub fn select(&self, names: &[String]) -> Result<Vec<String>, InventoryError> {
+        if names.is_empty() {
+            return Ok(self.hosts.iter().map(|host| host.name.clone()).collect());
+        }
+        let names: Vec<String> = names
+            .iter()
+            .map(|name| name.trim().to_string())
+            .filter(|name| !name.is_empty())
+            .collect();
         let unknown: Vec<String> = names
             .iter()
             .filter(|name| self.host(name).is_none())
@@ -222,8 +232,12 @@ impl Inventory {
                 known: self.hosts.iter().map(|host| host.name.clone()).collect(),
             });
         }
-        self.hosts.retain(|host| names.contains(&host.name));
-        Ok(())
+        Ok(self
+            .hosts
+            .iter()
+            .filter(|host| names.contains(&host.name))
+            .map(|host| host.name.clone())
+            .collect())
     }
 }
 

@@ -94,6 +94,8 @@ struct Reader {
     /// Roles of every host whose role list is valid, even when another of its settings is
     /// not, so the topology is checked in the same run.
     host_roles: Vec<Vec<Role>>,
+    /// Every valid host address with its host name and node, for the duplicate check.
+    host_addresses: Vec<(Ipv4Addr, String, Node)>,
 }
 
 impl Reader {
@@ -113,7 +115,7 @@ impl Reader {
             .required(&top, "hosts")
             .and_then(|node| self.hosts(node, &ssh_defaults));
 
-        self.check_topology(root, &top, hosts.as_deref().unwrap_or_default());
+        self.check_topology(root, &top);
         Some(Inventory {
             hosts: hosts?,
             app: app?,
@@ -360,9 +362,12 @@ impl Reader {
     fn host(&mut self, name: String, node: &Node, ssh_defaults: &SshSettings) -> Option<Host> {
         let path = format!("hosts.{name}");
         let host = self.mapping(node, &path, &["address", "roles", "ssh"])?;
-        let address = self
-            .required(&host, "address")
-            .and_then(|node| self.ipv4(node, &path));
+        let address_node = self.required(&host, "address");
+        let address = address_node.and_then(|node| self.ipv4(node, &path));
+        if let (Some(address), Some(node)) = (address, address_node) {
+            self.host_addresses
+                .push((address, name.clone(), node.clone()));
+        }
         let roles = self
             .required(&host, "roles")
             .and_then(|node| self.roles(node, &path));
@@ -413,6 +418,13 @@ impl Reader {
         for item in items {
             let text = scalar_string(item).unwrap_or_default();
             match Role::from_name(&text) {
+                Some(role) if roles.contains(&role) => {
+                    self.report(
+                        item,
+                        format!("role `{text}` is listed twice in {host_path}"),
+                    );
+                    valid = false;
+                }
                 Some(role) => {
                     roles.insert(role);
                 }
@@ -425,14 +437,14 @@ impl Reader {
                 }
             }
         }
+        // The roles that were recognised count for the topology check even when another is
+        // invalid, so an unknown role does not also report a missing postgres or redis host.
         let roles: Vec<Role> = roles.into_iter().collect();
-        if valid {
-            self.host_roles.push(roles.clone());
-        }
+        self.host_roles.push(roles.clone());
         valid.then_some(roles)
     }
 
-    fn check_topology(&mut self, root: &Node, top: &Mapping, hosts: &[Host]) {
+    fn check_topology(&mut self, root: &Node, top: &Mapping) {
         let hosts_node = top.get("hosts").unwrap_or(root);
         if top.get("hosts").is_none() {
             return;
@@ -459,23 +471,19 @@ impl Reader {
             }
         }
 
-        let mut seen: Vec<(Ipv4Addr, &str)> = Vec::new();
-        for host in hosts {
-            if let Some((_, other)) = seen.iter().find(|(address, _)| *address == host.address) {
-                let node = top
-                    .get("hosts")
-                    .and_then(|hosts| hosts.data.as_mapping_get(&host.name))
-                    .and_then(|host| host.data.as_mapping_get("address"))
-                    .unwrap_or(hosts_node);
+        let addresses = std::mem::take(&mut self.host_addresses);
+        for (index, (address, name, node)) in addresses.iter().enumerate() {
+            let earlier = addresses[..index]
+                .iter()
+                .find(|(other, _, _)| other == address);
+            if let Some((_, other, _)) = earlier {
                 self.report(
                     node,
                     format!(
-                        "hosts.{}.address {} is already the address of host `{other}`",
-                        host.name, host.address
+                        "hosts.{name}.address {address} is already the address of host `{other}`"
                     ),
                 );
             }
-            seen.push((host.address, &host.name));
         }
     }
 
@@ -846,6 +854,41 @@ hosts:
         assert_eq!(
             found,
             vec!["13:14: hosts.worker-1.address 10.0.0.2 is already the address of host `db`"]
+        );
+    }
+
+    #[test]
+    fn unknown_role_does_not_hide_known_ones() {
+        let text = VALID.replace("[postgres, redis]", "[postgres, redis, mongodb]");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("11:30: unknown role `mongodb`"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_address_found_beside_other_problems() {
+        let text = VALID
+            .replace("10.0.0.3", "10.0.0.2")
+            .replace("port: 2222", "port: 0");
+        let found = problems(&text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].contains("is already the address of host `db`"),
+            "{found:?}"
+        );
+        assert!(found[1].contains("ssh.port `0`"), "{found:?}");
+    }
+
+    #[test]
+    fn duplicate_role_is_rejected() {
+        let text = VALID.replace("[worker]", "[worker, worker]");
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            vec!["14:21: role `worker` is listed twice in hosts.worker-1"]
         );
     }
 
