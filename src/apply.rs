@@ -38,6 +38,12 @@ impl Outcome {
 pub enum ApplyError {
     #[error(transparent)]
     Ssh(#[from] SshError),
+    #[error("cannot read the worker binary {}", path.display())]
+    ReadBinary {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{unit} on host {host} did not become ready: {journal}")]
     NotReady {
         host: String,
@@ -320,12 +326,10 @@ async fn install_release(
     remote: &Remote,
     worker: &WorkerBinary,
     release: &str,
-) -> Result<(), SshError> {
-    let bytes = std::fs::read(&worker.path).map_err(|source| SshError::Failed {
-        host: remote.host().to_string(),
-        command: format!("read {}", worker.path.display()),
-        status: "local error".into(),
-        stderr: source.to_string(),
+) -> Result<(), ApplyError> {
+    let bytes = std::fs::read(&worker.path).map_err(|source| ApplyError::ReadBinary {
+        path: worker.path.clone(),
+        source,
     })?;
     let directory = format!("{}/{release}", worker_paths::RELEASES_DIR);
     let upload = r#"set -e
@@ -349,7 +353,7 @@ mv -f -- "$dir/$2.tmp" "$dir/$2""#;
     .stdin(bytes)
     .timeout(UPLOAD_TIMEOUT);
     remote.run(&command).await?;
-    switch_release(remote, &directory).await
+    Ok(switch_release(remote, &directory).await?)
 }
 
 async fn switch_release(remote: &Remote, directory: &str) -> Result<(), SshError> {

@@ -165,9 +165,7 @@ pub fn prepare(cli: &Cli) -> Result<Option<LabContext>, Fatal> {
     if !cli.lab || !runs_remote {
         return Ok(None);
     }
-    let context = lab::load_context().map_err(|error| {
-        Fatal::failure(error_chain(&error)).hint("start the lab with `yametee-deploy lab up`")
-    })?;
+    let context = lab::load_context().map_err(|error| Fatal::failure(error_chain(&error)))?;
     lab::enter_control_namespace(&context).map_err(|error| Fatal::failure(error_chain(&error)))?;
     Ok(Some(context))
 }
@@ -509,12 +507,24 @@ fn print_lab_status(status: &lab::LabStatus, format: Format) {
     }
 }
 
-/// Turns the result of `run` into the process's exit code, printing a fatal error and its hint
-/// on stderr.
-pub fn finish(result: Result<u8, Fatal>) -> ExitCode {
+/// Turns the result of `run` into the process's exit code. A fatal error is printed on
+/// stderr with its hint and, for `--format json|junit`, also as a document on stdout, so a
+/// pipeline reading stdout always gets one.
+pub fn finish(result: Result<u8, Fatal>, format: Format) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(fatal) => {
+            match format {
+                Format::Json => {
+                    let document = serde_json::json!({ "ok": false, "error": fatal.message });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&document).expect("error serializes")
+                    );
+                }
+                Format::Junit => print!("{}", report::fatal_junit(&fatal.message)),
+                Format::Human => {}
+            }
             eprintln!("error: {}", fatal.message);
             if let Some(hint) = fatal.hint {
                 eprintln!("hint: {hint}");

@@ -8,11 +8,12 @@ use yametee_deploy::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let format = cli.format;
     init_logging();
 
     let lab_context = match cli::prepare(&cli) {
         Ok(context) => context,
-        Err(fatal) => return cli::finish(Err(fatal)),
+        Err(fatal) => return cli::finish(Err(fatal), format),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -24,7 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::exit::FAILURE);
         }
     };
-    cli::finish(runtime.block_on(cli::run(cli, lab_context)))
+    cli::finish(runtime.block_on(cli::run(cli, lab_context)), format)
 }
 
 /// Logs and progress go to stderr, filtered by `RUST_LOG` (default: info for this tool),

@@ -174,9 +174,9 @@ impl Step {
             Step::InstallRelease { release, .. } => (
                 "release",
                 format!("{}/{release}", worker_paths::RELEASES_DIR),
-                "install and switch".into(),
+                "install".into(),
             ),
-            Step::DaemonReload => ("service", "systemd".into(), "daemon-reload".into()),
+            Step::DaemonReload => ("systemd", "unit files".into(), "reload".into()),
             Step::AddFirewallRule(rule) => ("firewall", rule.clone(), "add".into()),
             Step::DenyIncomingByDefault => ("firewall", "default incoming".into(), "deny".into()),
             Step::EnableFirewall => ("firewall", "ufw".into(), "enable".into()),

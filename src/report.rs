@@ -66,13 +66,7 @@ pub fn plan(reports: &[HostPlanReport], format: Format) -> String {
                         if count == 1 { "" } else { "s" }
                     ),
                 };
-                for change in &report.changes {
-                    let _ = writeln!(
-                        text,
-                        "  {:<9} {:<8} {}",
-                        change.action, change.kind, change.target
-                    );
-                }
+                write_changes(&mut text, &report.changes);
                 for diff in &report.diffs {
                     for line in diff.lines() {
                         let _ = writeln!(text, "    {line}");
@@ -130,13 +124,7 @@ pub fn apply(reports: &[HostReport], format: Format) -> String {
                     continue;
                 }
                 let _ = writeln!(text, "\n{}:", report.name);
-                for change in &report.changes {
-                    let _ = writeln!(
-                        text,
-                        "  {:<9} {:<8} {}",
-                        change.action, change.kind, change.target
-                    );
-                }
+                write_changes(&mut text, &report.changes);
                 if let Some(error) = &report.error {
                     let _ = writeln!(text, "  error: {error}");
                 }
@@ -197,6 +185,27 @@ pub fn verify(report: &VerifyReport, format: Format) -> String {
             );
             text
         }
+    }
+}
+
+/// Writes one aligned line per change: action, kind, target.
+fn write_changes(text: &mut String, changes: &[Change]) {
+    let action_width = changes
+        .iter()
+        .map(|change| change.action.len())
+        .max()
+        .unwrap_or(0);
+    let kind_width = changes
+        .iter()
+        .map(|change| change.kind.len())
+        .max()
+        .unwrap_or(0);
+    for change in changes {
+        let _ = writeln!(
+            text,
+            "  {:<action_width$}  {:<kind_width$}  {}",
+            change.action, change.kind, change.target
+        );
     }
 }
 
@@ -296,6 +305,18 @@ fn junit_per_host<'a>(
         case.set_system_out(lines.join("\n"));
         suite.add_test_case(case);
     }
+    junit.add_test_suite(suite);
+    junit_text(&junit)
+}
+
+/// A JUnit report with one failed test case, for a command that stopped before it could
+/// produce results.
+pub fn fatal_junit(message: &str) -> String {
+    let mut junit = Report::new("yametee-deploy");
+    let mut suite = TestSuite::new("yametee-deploy");
+    let mut status = TestCaseStatus::non_success(NonSuccessKind::Error);
+    status.set_message(message);
+    suite.add_test_case(TestCase::new("run", status));
     junit.add_test_suite(suite);
     junit_text(&junit)
 }

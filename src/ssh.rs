@@ -188,7 +188,7 @@ pub enum SshError {
         command: String,
         secs: u64,
     },
-    #[error("`{command}` on host {host} exited with status {status}: {stderr}")]
+    #[error("`{command}` on host {host} {status}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     Failed {
         host: String,
         command: String,
@@ -382,9 +382,7 @@ impl Remote {
         Err(SshError::Failed {
             host: self.destination.host.clone(),
             command: command.summary(),
-            status: output
-                .status
-                .map_or_else(|| "killed by a signal".into(), |code| code.to_string()),
+            status: describe_status(output.status),
             stderr: last_lines(&output.stderr, 5),
         })
     }
@@ -393,6 +391,16 @@ impl Remote {
         if let Err(error) = self.session.close().await {
             tracing::debug!(host = %self.destination.host, %error, "closing the ssh connection failed");
         }
+    }
+}
+
+/// Describes an exit status for messages. 124 is what coreutils' `timeout`, which the remote
+/// scripts wrap around network clients, exits with when its limit ran out.
+fn describe_status(status: Option<i32>) -> String {
+    match status {
+        None => "was killed by a signal".into(),
+        Some(124) => "timed out (exit status 124 from `timeout`)".into(),
+        Some(code) => format!("exited with status {code}"),
     }
 }
 

@@ -363,15 +363,31 @@ impl<'a> Verifier<'a> {
             .iter()
             .filter(|rule| !desired.firewall_rules.contains(rule))
             .collect();
-        if !missing.is_empty() || !extra.is_empty() {
+        let quoted = |rules: &[&String]| {
+            rules
+                .iter()
+                .map(|rule| format!("`{rule}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut problems = Vec::new();
+        if !missing.is_empty() {
+            problems.push(format!("missing: {}", quoted(&missing)));
+        }
+        if !extra.is_empty() {
+            problems.push(format!("not in the inventory: {}", quoted(&extra)));
+        }
+        if !problems.is_empty() {
             return Err(format!(
-                "missing rules: {missing:?}; rules not in the inventory: {extra:?}"
+                "{}; run `sudo ufw show added` on the host",
+                problems.join("; ")
             )
             .into());
         }
+        let count = state.rules.len();
         Ok(format!(
-            "active, incoming denied, {} rules as rendered",
-            state.rules.len()
+            "active, incoming denied, {count} rule{} as rendered",
+            if count == 1 { "" } else { "s" }
         ))
     }
 
@@ -431,7 +447,8 @@ echo "dead $(cli LLEN "$q:dead")""#;
     }
 
     async fn startup_log(&self, remote: &Remote) -> CheckOutcome {
-        let script = r#"id=$(systemctl show -p InvocationID --value "$1")
+        let script = r#"systemctl is-active --quiet "$1" || { echo "$1 is not running" >&2; exit 1; }
+id=$(systemctl show -p InvocationID --value "$1")
 [ -n "$id" ] || { echo "no current run of $1" >&2; exit 1; }
 journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
         let command = RemoteCommand::script(
@@ -611,10 +628,25 @@ exec timeout 10 redis-cli -h "$1" -p "$2" GET "$3""#;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Take the job back so that a worker started later does not process a stale probe.
+        let remove = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
+exec timeout 10 redis-cli -h "$1" -p "$2" LREM "$3" 1 "$4""#;
+        let command = RemoteCommand::script(
+            "remove the probe job",
+            remove,
+            &[&address, &port, &app.queue, &job],
+        )
+        .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
+        let removed = match run(remote, &command).await {
+            Ok(count) if count.trim() == "1" => "; it was still queued and has been removed",
+            _ => "",
+        };
         Err(format!(
-            "job {id} pushed to {} was not processed within {} s",
+            "job {id} pushed to {} was not processed within {} s{removed}; look at \
+             `journalctl -u {}` on the worker hosts",
             app.queue,
-            PROBE_TIMEOUT.as_secs()
+            PROBE_TIMEOUT.as_secs(),
+            worker_paths::UNIT
         )
         .into())
     }

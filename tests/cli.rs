@@ -122,3 +122,81 @@ fn help_documents_exit_codes() {
     assert!(stdout.contains("Exit codes:"), "{stdout}");
     assert!(stdout.contains("--detailed-exitcode"), "{stdout}");
 }
+
+#[test]
+fn fatal_error_is_json_document() {
+    let inventory = repository_inventory();
+    let output = run(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "--format",
+        "json",
+        "plan",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    assert_eq!(document["ok"], false);
+    assert!(
+        document["error"].as_str().unwrap().contains("is not set"),
+        "{document}"
+    );
+}
+
+#[test]
+fn invalid_inventory_problems_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inventory.yaml");
+    std::fs::write(&path, "hosts: {}\n").unwrap();
+    let output = run(&[
+        "-i",
+        path.to_str().unwrap(),
+        "--format",
+        "json",
+        "inventory",
+        "check",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    assert_eq!(document["ok"], false);
+    let problems = document["problems"].as_array().expect("problems");
+    assert_eq!(problems.len(), 2, "{document}");
+    assert_eq!(problems[0]["line"], 1);
+    assert!(
+        problems[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing key `app`"),
+        "{document}"
+    );
+}
+
+#[test]
+fn limited_render_keeps_other_hosts_access() {
+    let inventory = repository_inventory();
+    let output = run(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "--limit",
+        "postgres",
+        "--format",
+        "json",
+        "render",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    let files = document["files"].as_array().expect("files");
+    assert!(
+        files.iter().all(|file| file["host"] == "postgres"),
+        "{document}"
+    );
+    let hba = files
+        .iter()
+        .find(|file| file["path"].as_str().unwrap().ends_with("pg_hba.conf"))
+        .expect("pg_hba");
+    let content = hba["content"].as_str().unwrap();
+    assert!(content.contains("192.168.120.45/32"), "{content}");
+    assert!(content.contains("192.168.120.50/32"), "{content}");
+}

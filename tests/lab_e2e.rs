@@ -98,6 +98,9 @@ fn lab_apply_verify_and_roll_back() {
         return;
     }
 
+    // Start from fresh hosts, so the first apply really converges them from scratch.
+    let down = deploy(&["lab", "down"]);
+    assert!(down.status.success(), "lab down before the test failed");
     let up = deploy(&["lab", "up"]);
     let lab = Lab;
     assert!(
@@ -114,6 +117,24 @@ fn lab_apply_verify_and_roll_back() {
         "first apply failed: {first_report:#}"
     );
     assert_eq!(first_report["ok"], true);
+    for host in first_report["hosts"].as_array().expect("hosts") {
+        assert_eq!(
+            host["outcome"], "changed",
+            "first apply left {} untouched: {host:#}",
+            host["name"]
+        );
+    }
+    let worker_restarts = first_report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|host| host["name"] == "worker")
+        .map(|host| host["restarted"].to_string())
+        .unwrap_or_default();
+    assert!(
+        worker_restarts.contains("yametee-worker.service"),
+        "worker not started: {worker_restarts}"
+    );
 
     let verify = deploy(&["--lab", "--format", "json", "verify"]);
     let report = json(&verify);
@@ -198,6 +219,17 @@ fn lab_apply_verify_and_roll_back() {
         "plan after apply is not in sync:\n{}",
         String::from_utf8_lossy(&plan.stdout)
     );
+
+    // Working on some hosts must render the others' access exactly as a full run does.
+    for limit in ["postgres", "redis", "worker", "web,worker"] {
+        let limited = deploy(&["--lab", "--limit", limit, "plan", "--detailed-exitcode"]);
+        assert_eq!(
+            limited.status.code(),
+            Some(0),
+            "plan --limit {limit} is not in sync:\n{}",
+            String::from_utf8_lossy(&limited.stdout)
+        );
+    }
 
     // /bin/false is a valid ELF binary that exits at once without reporting ready, so apply
     // must put the previous release back and fail.

@@ -446,7 +446,9 @@ impl Reader {
 
     fn check_topology(&mut self, root: &Node, top: &Mapping) {
         let hosts_node = top.get("hosts").unwrap_or(root);
-        if top.get("hosts").is_none() {
+        // Without a single readable role list the hosts already have problems of their own,
+        // and counting roles would only add noise.
+        if top.get("hosts").is_none() || self.host_roles.is_empty() {
             return;
         }
         for role in [Role::Postgres, Role::Redis] {

@@ -425,8 +425,9 @@ fn wait_for_sshd(
     wait_for_boot_finished(paths, lab, &booted_names, deadline)?;
     if !booted_names.is_empty() {
         eprintln!(
-            "lab: {} host(s) up after {:.1} s",
+            "lab: {} host{} up after {:.1} s",
             booted_names.len(),
+            if booted_names.len() == 1 { "" } else { "s" },
             started.elapsed().as_secs_f64()
         );
     }

@@ -162,8 +162,11 @@ async fn acquire_migration_lock(client: &Client) -> Result<(), MigrationError> {
 
 async fn apply_pending_migrations(client: &mut Client) -> Result<(), MigrationError> {
     client
+        // Without the SET, PostgreSQL sends a NOTICE that the table exists at every start,
+        // and the client library logs it.
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            "SET client_min_messages TO warning;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
                  version    integer     PRIMARY KEY,
                  name       text        NOT NULL,
                  applied_at timestamptz NOT NULL DEFAULT now()
