@@ -2,7 +2,7 @@
 //! and Redis before their clients. The hosts of one tier run in parallel with a bounded number
 //! of connections, and a failed host stops only the tiers that depend on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -13,7 +13,7 @@ use crate::apply::{self, HostReport, Outcome};
 use crate::facts;
 use crate::inventory::{Host, Inventory, Role};
 use crate::plan::{self, Change, HostPlan, WorkerBinary};
-use crate::render::{DesiredHost, Renderer};
+use crate::render::Renderer;
 use crate::secrets::Secrets;
 use crate::ssh::{Destination, Remote, SshOverrides};
 
@@ -59,34 +59,32 @@ impl Deployment {
         }
     }
 
-    /// Connects to `host`, renders its desired state, reads its current state and plans.
-    async fn prepare(&self, host: &Host) -> Result<(Remote, DesiredHost, HostPlan), String> {
-        let desired = self
-            .renderer
-            .render_host(&self.inventory, host, &self.secrets)
-            .map_err(|error| error_chain(&error))?;
+    /// Opens the SSH connection to `host`.
+    async fn connect(&self, host: &Host) -> Result<Remote, String> {
         let remote = Remote::connect(Destination::for_host(host, &self.ssh))
             .await
             .map_err(|error| error_chain(&error))?;
         tracing::info!(host = %host.name, "connected");
+        Ok(remote)
+    }
 
-        let facts = match facts::gather(&remote, &desired).await {
-            Ok(facts) => facts,
-            Err(error) => {
-                remote.close().await;
-                return Err(error_chain(&error));
-            }
-        };
+    /// Renders the desired state of `host`, reads its current state and plans.
+    async fn plan_connected(&self, remote: &Remote, host: &Host) -> Result<HostPlan, String> {
+        let desired = self
+            .renderer
+            .render_host(&self.inventory, host, &self.secrets)
+            .map_err(|error| error_chain(&error))?;
+        let facts = facts::gather(remote, &desired)
+            .await
+            .map_err(|error| error_chain(&error))?;
         let worker = self.worker_for(host);
         if let Some(reason) = worker.and_then(|worker| worker.incompatibility(&facts.platform)) {
-            remote.close().await;
             return Err(format!(
                 "host {} cannot run the worker binary: {reason}",
                 host.name
             ));
         }
-        let plan = plan::plan_host(&desired, &facts, worker);
-        Ok((remote, desired, plan))
+        Ok(plan::plan_host(&desired, &facts, worker))
     }
 
     /// Plans every host without changing anything.
@@ -110,32 +108,54 @@ impl Deployment {
             diffs: Vec::new(),
             error: None,
         };
-        match self.prepare(host).await {
-            Ok((remote, _desired, plan)) => {
+        let remote = match self.connect(host).await {
+            Ok(remote) => remote,
+            Err(error) => {
+                report.error = Some(self.secrets.redact(&error));
+                return report;
+            }
+        };
+        match self.plan_connected(&remote, host).await {
+            Ok(plan) => {
                 report.changes = plan.changes();
                 report.diffs = plan.diffs(&self.secrets);
                 if self.inventory.postgres_host().name == host.name {
-                    match crate::postgres::ensure_access(
+                    let check = crate::postgres::ensure_access(
                         &remote,
                         &self.inventory,
                         &self.secrets,
                         true,
-                    )
-                    .await
-                    {
+                    );
+                    match check.await {
                         Ok(changes) => report.changes.extend(changes),
-                        Err(error) => report.error = Some(error_chain(&error)),
+                        Err(error) => {
+                            report.error = Some(self.secrets.redact(&error_chain(&error)))
+                        }
                     }
                 }
-                remote.close().await;
             }
             Err(error) => report.error = Some(self.secrets.redact(&error)),
         }
+        remote.close().await;
         report
     }
 
     /// Applies every host, tier by tier.
     pub async fn apply(&self) -> Vec<HostReport> {
+        // Every connection is opened at once: the SSH handshakes are the largest fixed cost of
+        // a run, and the later tiers need not wait for theirs.
+        let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
+        let connected = join_all(self.target_hosts().map(|host| {
+            let limit = limit.clone();
+            async move {
+                let _permit = limit.acquire().await.expect("semaphore is never closed");
+                (host.name.clone(), self.connect(host).await)
+            }
+        }))
+        .await;
+        let mut connections: HashMap<String, Result<Remote, String>> =
+            connected.into_iter().collect();
+
         let mut tiers: BTreeMap<u8, Vec<&Host>> = BTreeMap::new();
         for host in self.target_hosts() {
             tiers.entry(host.tier()).or_default().push(host);
@@ -146,6 +166,9 @@ impl Deployment {
         for hosts in tiers.values() {
             if !failed.is_empty() {
                 for host in hosts {
+                    if let Some(Ok(remote)) = connections.remove(&host.name) {
+                        remote.close().await;
+                    }
                     let mut report = empty_report(host);
                     report.outcome = Outcome::Skipped;
                     report.error = Some(format!(
@@ -157,12 +180,14 @@ impl Deployment {
                 }
                 continue;
             }
-            let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
             let tier_reports = join_all(hosts.iter().map(|host| {
+                let connection = connections
+                    .remove(&host.name)
+                    .expect("every target host was connected or failed to connect");
                 let limit = limit.clone();
                 async move {
                     let _permit = limit.acquire().await.expect("semaphore is never closed");
-                    self.apply_one(host).await
+                    self.apply_one(host, connection).await
                 }
             }))
             .await;
@@ -184,16 +209,25 @@ impl Deployment {
         reports
     }
 
-    async fn apply_one(&self, host: &Host) -> HostReport {
+    async fn apply_one(&self, host: &Host, connection: Result<Remote, String>) -> HostReport {
         let mut report = empty_report(host);
-        let (remote, _desired, plan) = match self.prepare(host).await {
-            Ok(prepared) => prepared,
+        let fail = |mut report: HostReport, error: &str| {
+            report.outcome = Outcome::Failed;
+            report.error = Some(self.secrets.redact(error));
+            report
+        };
+        let remote = match connection {
+            Ok(remote) => remote,
+            Err(error) => return fail(report, &error),
+        };
+        let plan = match self.plan_connected(&remote, host).await {
+            Ok(plan) => plan,
             Err(error) => {
-                report.outcome = Outcome::Failed;
-                report.error = Some(self.secrets.redact(&error));
-                return report;
+                remote.close().await;
+                return fail(report, &error);
             }
         };
+
         let worker = self.worker_for(host);
         let result = apply::apply_host(
             &remote,

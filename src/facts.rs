@@ -73,7 +73,24 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
         .iter()
         .map(|service| service.unit.as_str())
         .collect();
-    let (files, missing_packages, missing_users, services, firewall, pending, platform) = tokio::try_join!(
+    let is_worker = desired.roles.contains(&crate::inventory::Role::Worker);
+    let release = async {
+        if is_worker {
+            current_release(remote).await
+        } else {
+            Ok(None)
+        }
+    };
+    let (
+        files,
+        missing_packages,
+        missing_users,
+        services,
+        firewall,
+        pending,
+        platform,
+        worker_release,
+    ) = tokio::try_join!(
         files,
         missing_packages(remote, &desired.packages),
         missing_users(remote, &desired.system_users),
@@ -81,13 +98,8 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
         firewall_state(remote),
         pending_restarts(remote),
         platform(remote),
+        release,
     )?;
-
-    let worker_release = if desired.roles.contains(&crate::inventory::Role::Worker) {
-        current_release(remote).await?
-    } else {
-        None
-    };
 
     Ok(HostFacts {
         files: paths
@@ -152,52 +164,38 @@ async fn missing_packages(remote: &Remote, packages: &[String]) -> Result<Vec<St
 }
 
 async fn missing_users(remote: &Remote, users: &[String]) -> Result<Vec<String>, SshError> {
-    let mut missing = Vec::new();
-    for user in users {
+    let lookups = users.iter().map(|user| async move {
         let output = remote
             .output(&RemoteCommand::new("getent").args(["passwd", user]))
             .await?;
-        if !output.success() {
-            missing.push(user.clone());
-        }
-    }
-    Ok(missing)
+        Ok::<_, SshError>((!output.success()).then(|| user.clone()))
+    });
+    Ok(try_join_all(lookups).await?.into_iter().flatten().collect())
 }
 
 async fn service_states(
     remote: &Remote,
     units: &[&str],
 ) -> Result<BTreeMap<String, ServiceState>, SshError> {
-    let mut states = BTreeMap::new();
-    for unit in units {
-        let enabled = remote
-            .output(&RemoteCommand::new("systemctl").args(["is-enabled", unit]))
-            .await?;
-        let active = remote
-            .output(&RemoteCommand::new("systemctl").args(["is-active", unit]))
-            .await?;
-        states.insert(
-            unit.to_string(),
-            ServiceState {
-                enabled: enabled.stdout.trim() == "enabled",
-                active: active.stdout.trim() == "active",
-            },
-        );
-    }
-    Ok(states)
+    let lookups = units.iter().map(|unit| async move {
+        let enabled = RemoteCommand::new("systemctl").args(["is-enabled", unit]);
+        let active = RemoteCommand::new("systemctl").args(["is-active", unit]);
+        let (enabled, active) = tokio::try_join!(remote.output(&enabled), remote.output(&active))?;
+        let state = ServiceState {
+            enabled: enabled.stdout.trim() == "enabled",
+            active: active.stdout.trim() == "active",
+        };
+        Ok::<_, SshError>((unit.to_string(), state))
+    });
+    Ok(try_join_all(lookups).await?.into_iter().collect())
 }
 
 pub async fn firewall_state(remote: &Remote) -> Result<FirewallState, SshError> {
-    let status = remote
-        .run(
-            &RemoteCommand::new("ufw")
-                .args(["status", "verbose"])
-                .as_root(),
-        )
-        .await?;
-    let added = remote
-        .run(&RemoteCommand::new("ufw").args(["show", "added"]).as_root())
-        .await?;
+    let status = RemoteCommand::new("ufw")
+        .args(["status", "verbose"])
+        .as_root();
+    let added = RemoteCommand::new("ufw").args(["show", "added"]).as_root();
+    let (status, added) = tokio::try_join!(remote.run(&status), remote.run(&added))?;
     Ok(parse_firewall(&status, &added))
 }
 
@@ -233,16 +231,14 @@ async fn pending_restarts(remote: &Remote) -> Result<BTreeSet<String>, SshError>
 }
 
 async fn platform(remote: &Remote) -> Result<Platform, SshError> {
-    let machine = remote
-        .run(&RemoteCommand::new("uname").arg("-m"))
-        .await?
-        .trim()
-        .to_string();
-    let libc = remote
-        .output(&RemoteCommand::new("getconf").arg("GNU_LIBC_VERSION"))
-        .await?;
+    let machine = RemoteCommand::new("uname").arg("-m");
+    let libc = RemoteCommand::new("getconf").arg("GNU_LIBC_VERSION");
+    let (machine, libc) = tokio::try_join!(remote.run(&machine), remote.output(&libc))?;
     let glibc = libc.stdout.trim().strip_prefix("glibc ").map(String::from);
-    Ok(Platform { machine, glibc })
+    Ok(Platform {
+        machine: machine.trim().to_string(),
+        glibc,
+    })
 }
 
 async fn current_release(remote: &Remote) -> Result<Option<String>, SshError> {

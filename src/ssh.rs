@@ -9,6 +9,10 @@ use tokio::io::AsyncWriteExt;
 
 use crate::inventory::Host;
 
+/// Most commands run at once over one connection. OpenSSH's sshd refuses sessions beyond its
+/// `MaxSessions`, 10 by default, on one connection.
+pub const MAX_SESSIONS_PER_HOST: usize = 8;
+
 /// Default limit for one remote command.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -258,6 +262,7 @@ fn expand_home(path: PathBuf) -> PathBuf {
 pub struct Remote {
     destination: Destination,
     session: Session,
+    sessions: tokio::sync::Semaphore,
 }
 
 impl Remote {
@@ -306,6 +311,7 @@ impl Remote {
         Ok(Remote {
             destination,
             session,
+            sessions: tokio::sync::Semaphore::new(MAX_SESSIONS_PER_HOST),
         })
     }
 
@@ -318,6 +324,7 @@ impl Remote {
         let line = command.to_shell(&self.destination.user, self.destination.sudo);
         tracing::debug!(host = %self.destination.host, command = %command.summary(), "run");
         let run = async {
+            let _session = self.sessions.acquire().await.expect("semaphore is never closed");
             let mut child = self
                 .session
                 .raw_command(&line)

@@ -31,8 +31,9 @@ pub fn startup_lines(worker_name: &str) -> Vec<String> {
 pub const PROBE_KEY_PREFIX: &str = "yametee:probe:";
 /// How long the end-to-end check waits for the probe job's result.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a connection that the firewall must drop is given before it counts as blocked.
-const BLOCKED_PROBE_SECS: &str = "3";
+/// Seconds a connection that the firewall must drop is given before it counts as blocked. On
+/// the private network between the hosts a connection that is allowed opens in milliseconds.
+const BLOCKED_PROBE_SECS: &str = "1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
