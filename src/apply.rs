@@ -132,7 +132,8 @@ pub async fn apply_host(
         }
     }
 
-    if inventory.postgres_host().name == remote.host() {
+    // The check ran while planning; it runs again only when something may have changed it.
+    if inventory.postgres_host().name == remote.host() && !plan.is_empty() {
         let changes = crate::postgres::ensure_access(remote, inventory, secrets, false).await?;
         report.changes.extend(changes);
     }

@@ -13,12 +13,16 @@ use crate::apply::{self, HostReport, Outcome};
 use crate::facts;
 use crate::inventory::{Host, Inventory, Role};
 use crate::plan::{self, Change, HostPlan, WorkerBinary};
+use crate::postgres;
 use crate::render::Renderer;
 use crate::secrets::Secrets;
 use crate::ssh::{Destination, Remote, SshOverrides};
 
 /// Most hosts worked on at once.
 pub const MAX_PARALLEL_HOSTS: usize = 8;
+
+/// A host's open connection and plan, or why they could not be had.
+type Prepared = Result<(Remote, HostPlan), String>;
 
 /// Everything a run needs, resolved before the first connection.
 pub struct Deployment {
@@ -74,9 +78,16 @@ impl Deployment {
             .renderer
             .render_host(&self.inventory, host, &self.secrets)
             .map_err(|error| error_chain(&error))?;
-        let facts = facts::gather(remote, &desired)
-            .await
-            .map_err(|error| error_chain(&error))?;
+        let is_postgres = self.inventory.postgres_host().name == host.name;
+        let database = async {
+            if is_postgres {
+                postgres::ensure_access(remote, &self.inventory, &self.secrets, true).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        let (facts, database_changes) = tokio::join!(facts::gather(remote, &desired), database);
+        let facts = facts.map_err(|error| error_chain(&error))?;
         let worker = self.worker_for(host);
         if let Some(reason) = worker.and_then(|worker| worker.incompatibility(&facts.platform)) {
             return Err(format!(
@@ -84,7 +95,9 @@ impl Deployment {
                 host.name
             ));
         }
-        Ok(plan::plan_host(&desired, &facts, worker))
+        let mut plan = plan::plan_host(&desired, &facts, worker);
+        plan.database_changes = database_changes.map_err(|error| error_chain(&error))?;
+        Ok(plan)
     }
 
     /// Plans every host without changing anything.
@@ -119,20 +132,6 @@ impl Deployment {
             Ok(plan) => {
                 report.changes = plan.changes();
                 report.diffs = plan.diffs(&self.secrets);
-                if self.inventory.postgres_host().name == host.name {
-                    let check = crate::postgres::ensure_access(
-                        &remote,
-                        &self.inventory,
-                        &self.secrets,
-                        true,
-                    );
-                    match check.await {
-                        Ok(changes) => report.changes.extend(changes),
-                        Err(error) => {
-                            report.error = Some(self.secrets.redact(&error_chain(&error)))
-                        }
-                    }
-                }
             }
             Err(error) => report.error = Some(self.secrets.redact(&error)),
         }
@@ -142,19 +141,19 @@ impl Deployment {
 
     /// Applies every host, tier by tier.
     pub async fn apply(&self) -> Vec<HostReport> {
-        // Every connection is opened at once: the SSH handshakes are the largest fixed cost of
-        // a run, and the later tiers need not wait for theirs.
+        // Every host is connected to and planned at once: the SSH handshakes and the reading
+        // of each host's state are most of a run's fixed cost, and a later tier's plan does not
+        // depend on what an earlier tier's apply changes on other hosts.
         let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
-        let connected = join_all(self.target_hosts().map(|host| {
+        let prepared = join_all(self.target_hosts().map(|host| {
             let limit = limit.clone();
             async move {
                 let _permit = limit.acquire().await.expect("semaphore is never closed");
-                (host.name.clone(), self.connect(host).await)
+                (host.name.clone(), self.connect_and_plan(host).await)
             }
         }))
         .await;
-        let mut connections: HashMap<String, Result<Remote, String>> =
-            connected.into_iter().collect();
+        let mut connections: HashMap<String, Prepared> = prepared.into_iter().collect();
 
         let mut tiers: BTreeMap<u8, Vec<&Host>> = BTreeMap::new();
         for host in self.target_hosts() {
@@ -166,7 +165,7 @@ impl Deployment {
         for hosts in tiers.values() {
             if !failed.is_empty() {
                 for host in hosts {
-                    if let Some(Ok(remote)) = connections.remove(&host.name) {
+                    if let Some(Ok((remote, _))) = connections.remove(&host.name) {
                         remote.close().await;
                     }
                     let mut report = empty_report(host);
@@ -209,22 +208,26 @@ impl Deployment {
         reports
     }
 
-    async fn apply_one(&self, host: &Host, connection: Result<Remote, String>) -> HostReport {
-        let mut report = empty_report(host);
-        let fail = |mut report: HostReport, error: &str| {
-            report.outcome = Outcome::Failed;
-            report.error = Some(self.secrets.redact(error));
-            report
-        };
-        let remote = match connection {
-            Ok(remote) => remote,
-            Err(error) => return fail(report, &error),
-        };
-        let plan = match self.plan_connected(&remote, host).await {
-            Ok(plan) => plan,
+    /// Connects to `host` and plans it; on a planning error the connection is closed.
+    async fn connect_and_plan(&self, host: &Host) -> Prepared {
+        let remote = self.connect(host).await?;
+        match self.plan_connected(&remote, host).await {
+            Ok(plan) => Ok((remote, plan)),
             Err(error) => {
                 remote.close().await;
-                return fail(report, &error);
+                Err(error)
+            }
+        }
+    }
+
+    async fn apply_one(&self, host: &Host, prepared: Prepared) -> HostReport {
+        let mut report = empty_report(host);
+        let (remote, plan) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                report.outcome = Outcome::Failed;
+                report.error = Some(self.secrets.redact(&error));
+                return report;
             }
         };
 

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use futures::future::try_join_all;
 use serde::Serialize;
 
 use crate::render::{worker_paths, DesiredHost};
@@ -58,7 +57,8 @@ pub struct HostFacts {
     pub platform: Platform,
 }
 
-/// Reads everything `plan` compares against `desired`.
+/// Reads everything `plan` compares against `desired`, in one remote script: one session
+/// instead of one per file, unit and setting, which is most of a no-op apply's time.
 pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts, SshError> {
     let mut paths: BTreeSet<&str> = desired
         .files
@@ -66,55 +66,160 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
         .map(|file| file.path.as_str())
         .collect();
     paths.extend(desired.last_lines.iter().map(|line| line.path.as_str()));
-    let files = try_join_all(paths.iter().map(|path| read_file(remote, path)));
-
+    paths.insert(PENDING_RESTARTS_FILE);
     let units: Vec<&str> = desired
         .services
         .iter()
         .map(|service| service.unit.as_str())
         .collect();
-    let is_worker = desired.roles.contains(&crate::inventory::Role::Worker);
-    let release = async {
-        if is_worker {
-            current_release(remote).await
-        } else {
-            Ok(None)
-        }
-    };
-    let (
-        files,
-        missing_packages,
-        missing_users,
-        services,
-        firewall,
-        pending,
-        platform,
-        worker_release,
-    ) = tokio::try_join!(
-        files,
-        missing_packages(remote, &desired.packages),
-        missing_users(remote, &desired.system_users),
-        service_states(remote, &units),
-        firewall_state(remote),
-        pending_restarts(remote),
-        platform(remote),
-        release,
-    )?;
 
-    Ok(HostFacts {
-        files: paths
-            .iter()
-            .map(|path| path.to_string())
-            .zip(files)
-            .collect(),
-        missing_packages,
-        missing_users,
-        services,
-        firewall,
-        worker_release,
-        pending_restarts: pending,
-        platform,
-    })
+    let mut args: Vec<&str> = paths.iter().copied().collect();
+    args.push("--");
+    args.extend(desired.packages.iter().map(String::as_str));
+    args.push("--");
+    args.extend(desired.system_users.iter().map(String::as_str));
+    args.push("--");
+    args.extend(units.iter().copied());
+    args.push("--");
+    args.push(worker_paths::CURRENT_LINK);
+
+    let command = RemoteCommand::script("read the host's state", GATHER_SCRIPT, &args).as_root();
+    let output = remote.run(&command).await?;
+    let mut facts = parse_gathered(&output, desired).map_err(|problem| SshError::Failed {
+        host: remote.host().to_string(),
+        command: command.summary(),
+        status: "returned unreadable output".into(),
+        stderr: problem,
+    })?;
+    if !desired.roles.contains(&crate::inventory::Role::Worker) {
+        facts.worker_release = None;
+    }
+    Ok(facts)
+}
+
+/// Prints one tab-separated record per fact. Arguments: the files to read, `--`, the packages,
+/// `--`, the system users, `--`, the units, `--`, the worker's `current` link. File contents and
+/// ufw's output are base64, so any byte survives.
+const GATHER_SCRIPT: &str = r#"set -u
+# ufw is a Python program that takes a good part of a second to start, so its two reports run
+# in the background while the rest is read.
+scratch=$(mktemp -d)
+trap 'rm -rf -- "$scratch"' EXIT
+ufw status verbose > "$scratch/status" 2>&1 &
+ufw show added > "$scratch/added" 2>&1 &
+while [ "$1" != -- ]; do
+  if [ -e "$1" ]; then
+    printf 'file\t%s\t%s\t' "$1" "$(stat -c '%a %U %G' -- "$1")"; base64 -w0 < "$1"; printf '\n'
+  else
+    printf 'file\t%s\tmissing\t\n' "$1"
+  fi
+  shift
+done
+shift
+packages=
+while [ "$1" != -- ]; do packages="$packages $1"; shift; done
+shift
+if [ -n "$packages" ]; then
+  dpkg-query -W -f='${Package} ${db:Status-Status}\n' $packages 2>/dev/null |
+    while read -r name status; do printf 'package\t%s\t%s\n' "$name" "$status"; done
+fi
+while [ "$1" != -- ]; do
+  if getent passwd "$1" > /dev/null; then found=1; else found=0; fi
+  printf 'user\t%s\t%s\n' "$1" "$found"
+  shift
+done
+shift
+while [ "$1" != -- ]; do
+  printf 'unit\t%s\t%s\t%s\n' "$1" "$(systemctl is-enabled "$1" 2>/dev/null)" "$(systemctl is-active "$1" 2>/dev/null)"
+  shift
+done
+shift
+wait
+printf 'ufw-status\t'; base64 -w0 < "$scratch/status"; printf '\n'
+printf 'ufw-added\t'; base64 -w0 < "$scratch/added"; printf '\n'
+printf 'machine\t%s\n' "$(uname -m)"
+printf 'glibc\t%s\n' "$(getconf GNU_LIBC_VERSION 2>/dev/null)"
+printf 'release\t%s\n' "$(readlink -- "$1" 2>/dev/null)"
+"#;
+
+fn decode_base64(text: &str) -> Result<String, String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|error| format!("invalid base64: {error}"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Turns the gather script's records into facts about the host.
+fn parse_gathered(output: &str, desired: &DesiredHost) -> Result<HostFacts, String> {
+    let mut facts = HostFacts::default();
+    let mut installed: BTreeSet<String> = BTreeSet::new();
+    let mut ufw_status = String::new();
+    let mut ufw_added = String::new();
+
+    for line in output.lines().filter(|line| !line.is_empty()) {
+        let fields: Vec<&str> = line.split('\t').collect();
+        match fields.as_slice() {
+            ["file", path, "missing", _] => {
+                facts.files.insert(path.to_string(), None);
+            }
+            ["file", path, meta, content] => {
+                let header = format!("{meta}\n{}", decode_base64(content)?);
+                let file = parse_file_listing(&header)
+                    .ok_or_else(|| format!("cannot read the mode and owner of {path}: {meta}"))?;
+                facts.files.insert(path.to_string(), Some(file));
+            }
+            ["package", name, status] => {
+                if *status == "installed" {
+                    installed.insert(name.to_string());
+                }
+            }
+            ["user", name, found] => {
+                if *found == "0" {
+                    facts.missing_users.push(name.to_string());
+                }
+            }
+            ["unit", name, enabled, active] => {
+                let state = ServiceState {
+                    enabled: *enabled == "enabled",
+                    active: *active == "active",
+                };
+                facts.services.insert(name.to_string(), state);
+            }
+            ["ufw-status", text] => ufw_status = decode_base64(text)?,
+            ["ufw-added", text] => ufw_added = decode_base64(text)?,
+            ["machine", machine] => facts.platform.machine = machine.to_string(),
+            ["glibc", text] => {
+                facts.platform.glibc = text.trim().strip_prefix("glibc ").map(String::from)
+            }
+            ["release", target] => {
+                facts.worker_release = target
+                    .rsplit('/')
+                    .next()
+                    .filter(|name| !name.is_empty())
+                    .map(String::from)
+            }
+            _ => return Err(format!("unexpected line {line:?}")),
+        }
+    }
+
+    facts.missing_packages = desired
+        .packages
+        .iter()
+        .filter(|package| !installed.contains(*package))
+        .cloned()
+        .collect();
+    facts.firewall = parse_firewall(&ufw_status, &ufw_added);
+    if let Some(Some(pending)) = facts.files.remove(PENDING_RESTARTS_FILE) {
+        facts.pending_restarts = pending
+            .content
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    Ok(facts)
 }
 
 /// Reads a file as root; `None` when it does not exist.
@@ -138,56 +243,6 @@ fn parse_file_listing(output: &str) -> Option<RemoteFile> {
         group,
         content: content.to_string(),
     })
-}
-
-async fn missing_packages(remote: &Remote, packages: &[String]) -> Result<Vec<String>, SshError> {
-    if packages.is_empty() {
-        return Ok(Vec::new());
-    }
-    // dpkg-query exits 1 when a package is unknown, and still prints the others.
-    let command = RemoteCommand::new("dpkg-query")
-        .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
-        .args(packages.iter().cloned());
-    let output = remote.output(&command).await?;
-    let installed: BTreeSet<&str> = output
-        .stdout
-        .lines()
-        .filter_map(|line| line.split_once(' '))
-        .filter(|(_, status)| *status == "installed")
-        .map(|(name, _)| name)
-        .collect();
-    Ok(packages
-        .iter()
-        .filter(|package| !installed.contains(package.as_str()))
-        .cloned()
-        .collect())
-}
-
-async fn missing_users(remote: &Remote, users: &[String]) -> Result<Vec<String>, SshError> {
-    let lookups = users.iter().map(|user| async move {
-        let output = remote
-            .output(&RemoteCommand::new("getent").args(["passwd", user]))
-            .await?;
-        Ok::<_, SshError>((!output.success()).then(|| user.clone()))
-    });
-    Ok(try_join_all(lookups).await?.into_iter().flatten().collect())
-}
-
-async fn service_states(
-    remote: &Remote,
-    units: &[&str],
-) -> Result<BTreeMap<String, ServiceState>, SshError> {
-    let lookups = units.iter().map(|unit| async move {
-        let enabled = RemoteCommand::new("systemctl").args(["is-enabled", unit]);
-        let active = RemoteCommand::new("systemctl").args(["is-active", unit]);
-        let (enabled, active) = tokio::try_join!(remote.output(&enabled), remote.output(&active))?;
-        let state = ServiceState {
-            enabled: enabled.stdout.trim() == "enabled",
-            active: active.stdout.trim() == "active",
-        };
-        Ok::<_, SshError>((unit.to_string(), state))
-    });
-    Ok(try_join_all(lookups).await?.into_iter().collect())
 }
 
 pub async fn firewall_state(remote: &Remote) -> Result<FirewallState, SshError> {
@@ -216,47 +271,6 @@ fn parse_firewall(status: &str, added: &str) -> FirewallState {
     }
 }
 
-async fn pending_restarts(remote: &Remote) -> Result<BTreeSet<String>, SshError> {
-    let file = read_file(remote, PENDING_RESTARTS_FILE).await?;
-    Ok(file
-        .map(|file| {
-            file.content
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-async fn platform(remote: &Remote) -> Result<Platform, SshError> {
-    let machine = RemoteCommand::new("uname").arg("-m");
-    let libc = RemoteCommand::new("getconf").arg("GNU_LIBC_VERSION");
-    let (machine, libc) = tokio::try_join!(remote.run(&machine), remote.output(&libc))?;
-    let glibc = libc.stdout.trim().strip_prefix("glibc ").map(String::from);
-    Ok(Platform {
-        machine: machine.trim().to_string(),
-        glibc,
-    })
-}
-
-async fn current_release(remote: &Remote) -> Result<Option<String>, SshError> {
-    let output = remote
-        .output(&RemoteCommand::new("readlink").arg(worker_paths::CURRENT_LINK))
-        .await?;
-    if !output.success() {
-        return Ok(None);
-    }
-    Ok(output
-        .stdout
-        .trim()
-        .rsplit('/')
-        .next()
-        .map(String::from)
-        .filter(|name| !name.is_empty()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +282,70 @@ mod tests {
         assert_eq!(file.owner, "redis");
         assert_eq!(file.content, "bind 1.2.3.4\n\n");
         assert_eq!(parse_file_listing("missing\n"), None);
+    }
+
+    #[test]
+    fn gathered_records_become_facts() {
+        use base64::Engine;
+        let encode = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let desired = DesiredHost {
+            name: "worker".into(),
+            roles: vec![crate::inventory::Role::Worker],
+            packages: vec!["redis-tools".into(), "ufw".into()],
+            system_users: vec!["yametee-worker".into()],
+            files: vec![],
+            last_lines: vec![],
+            services: vec![],
+            firewall_rules: vec![],
+        };
+        let output = format!(
+            "file\t/etc/a.env\t640 root yametee-worker\t{}\n\
+             file\t/etc/missing\tmissing\t\n\
+             file\t{PENDING_RESTARTS_FILE}\t644 root root\t{}\n\
+             package\tufw\tinstalled\n\
+             user\tyametee-worker\t0\n\
+             unit\tyametee-worker.service\tenabled\tfailed\n\
+             ufw-status\t{}\n\
+             ufw-added\t{}\n\
+             machine\tx86_64\n\
+             glibc\tglibc 2.36\n\
+             release\t/opt/yametee-worker/releases/0123456789abcdef\n",
+            encode("A=1\n\tB=2\n"),
+            encode("yametee-worker.service\n"),
+            encode("Status: active\nDefault: deny (incoming), allow (outgoing)\n"),
+            encode("Added user rules:\nufw allow 22/tcp\n"),
+        );
+        let facts = parse_gathered(&output, &desired).expect("parses");
+        let file = facts.files["/etc/a.env"].as_ref().expect("file present");
+        assert_eq!(file.content, "A=1\n\tB=2\n");
+        assert_eq!(file.group, "yametee-worker");
+        assert_eq!(facts.files["/etc/missing"], None);
+        assert!(!facts.files.contains_key(PENDING_RESTARTS_FILE));
+        assert!(facts.pending_restarts.contains("yametee-worker.service"));
+        assert_eq!(facts.missing_packages, vec!["redis-tools"]);
+        assert_eq!(facts.missing_users, vec!["yametee-worker"]);
+        let unit = facts.services["yametee-worker.service"];
+        assert!(unit.enabled);
+        assert!(!unit.active);
+        assert!(facts.firewall.active);
+        assert_eq!(facts.firewall.rules, vec!["allow 22/tcp"]);
+        assert_eq!(facts.platform.glibc.as_deref(), Some("2.36"));
+        assert_eq!(facts.worker_release.as_deref(), Some("0123456789abcdef"));
+    }
+
+    #[test]
+    fn gathered_garbage_is_an_error() {
+        let desired = DesiredHost {
+            name: "web".into(),
+            roles: vec![],
+            packages: vec![],
+            system_users: vec![],
+            files: vec![],
+            last_lines: vec![],
+            services: vec![],
+            firewall_rules: vec![],
+        };
+        assert!(parse_gathered("sudo: something odd\n", &desired).is_err());
     }
 
     #[test]

@@ -199,15 +199,19 @@ impl Step {
 pub struct HostPlan {
     pub host: String,
     pub steps: Vec<Step>,
+    /// What the PostgreSQL role and database check expects apply to change; empty when they
+    /// are in place or the host is not the postgres host.
+    pub database_changes: Vec<Change>,
 }
 
 impl HostPlan {
     pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
+        self.steps.is_empty() && self.database_changes.is_empty()
     }
 
     pub fn changes(&self) -> Vec<Change> {
-        self.steps.iter().map(Step::change).collect()
+        let steps = self.steps.iter().map(Step::change);
+        steps.chain(self.database_changes.iter().cloned()).collect()
     }
 
     /// Unified diffs of the files this plan writes, with secrets redacted.
@@ -378,6 +382,7 @@ pub fn plan_host(
     HostPlan {
         host: desired.name.clone(),
         steps,
+        database_changes: Vec::new(),
     }
 }
 

@@ -17,11 +17,8 @@ pub async fn ensure_access(
     let database = &inventory.app.database;
     let password = secrets.get("app.database.password");
 
-    let server_up = remote
-        .output(&RemoteCommand::new("systemctl").args(["is-active", "postgresql.service"]))
-        .await?
-        .success();
-    if !server_up && dry_run {
+    let state = read_state(remote, inventory, password).await?;
+    if !state.server_up && dry_run {
         // The server starts during apply; until then nothing can be checked.
         return Ok(vec![Change {
             kind: "postgres",
@@ -32,18 +29,12 @@ pub async fn ensure_access(
             action: "ensure".into(),
         }]);
     }
-
-    let listing = format!(
-        "SELECT 'role=' || count(*) FROM pg_roles WHERE rolname = {};\n\
-         SELECT 'database=' || count(*) FROM pg_database WHERE datname = {};\n",
-        sql_literal(&database.user),
-        sql_literal(&database.name)
-    );
-    let output = remote.run(&psql_as_postgres().stdin(listing)).await?;
-    let role_exists = output.lines().any(|line| line.trim() == "role=1");
-    let database_exists = output.lines().any(|line| line.trim() == "database=1");
-    let password_matches =
-        role_exists && database_exists && password_works(remote, inventory, password).await?;
+    let AccessState {
+        role_exists,
+        database_exists,
+        password_matches,
+        ..
+    } = state;
 
     let mut sql = String::new();
     let mut changes = Vec::new();
@@ -101,24 +92,57 @@ fn psql_as_postgres() -> RemoteCommand {
     .as_user("postgres")
 }
 
-/// Whether the application user can log in over TCP with the secret password.
-async fn password_works(
+/// What [`read_state`] found.
+struct AccessState {
+    server_up: bool,
+    role_exists: bool,
+    database_exists: bool,
+    password_matches: bool,
+}
+
+/// Reads, in one remote script, whether the server runs, whether the role and database exist
+/// and whether the role logs in over TCP with the secret password.
+async fn read_state(
     remote: &Remote,
     inventory: &Inventory,
     password: &str,
-) -> Result<bool, SshError> {
+) -> Result<AccessState, SshError> {
     let database = &inventory.app.database;
+    let script = r#"IFS= read -r PGPASSWORD
+cd /
+systemctl is-active --quiet postgresql.service || { echo server=down; exit 0; }
+echo server=up
+runuser -u postgres -- psql -X -A -t -q -d postgres -c "$1" -c "$2"
+if PGPASSWORD="$PGPASSWORD" psql -X -A -t -q -w -h 127.0.0.1 -p "$3" -U "$4" -d "$5" -c 'SELECT 1' > /dev/null 2>&1
+then echo password=ok
+else echo password=wrong
+fi"#;
+    let roles = format!(
+        "SELECT 'role=' || count(*) FROM pg_roles WHERE rolname = {}",
+        sql_literal(&database.user)
+    );
+    let databases = format!(
+        "SELECT 'database=' || count(*) FROM pg_database WHERE datname = {}",
+        sql_literal(&database.name)
+    );
     let port = database.port.to_string();
-    let script = r#"IFS= read -r PGPASSWORD; export PGPASSWORD
-exec psql -X -A -t -q -w -h 127.0.0.1 -p "$1" -U "$2" -d "$3" -c 'SELECT 1'"#;
     let command = RemoteCommand::script(
-        "check the database password",
+        "read the PostgreSQL role and database",
         script,
-        &[&port, &database.user, &database.name],
+        &[&roles, &databases, &port, &database.user, &database.name],
     )
+    .as_root()
     .stdin(format!("{password}\n"));
-    let output = remote.output(&command).await?;
-    Ok(output.success() && output.stdout.trim() == "1")
+    let output = remote.run(&command).await?;
+    let has = |line: &str| output.lines().any(|found| found.trim() == line);
+    let role_exists = has("role=1");
+    let database_exists = has("database=1");
+    Ok(AccessState {
+        server_up: has("server=up"),
+        role_exists,
+        database_exists,
+        password_matches: role_exists && database_exists && has("password=ok"),
+    })
 }
 
 /// Quotes a string as an SQL literal.

@@ -11,7 +11,7 @@ use crate::inventory::Host;
 
 /// Most commands run at once over one connection. OpenSSH's sshd refuses sessions beyond its
 /// `MaxSessions`, 10 by default, on one connection.
-pub const MAX_SESSIONS_PER_HOST: usize = 8;
+pub const MAX_SESSIONS_PER_HOST: usize = 6;
 
 /// Default limit for one remote command.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -319,24 +319,52 @@ impl Remote {
         &self.destination.host
     }
 
+    /// Starts `line` in a new session. sshd can refuse a session for a moment after another
+    /// closed, before it freed the old one, so a refused open is retried a few times; the
+    /// command has not started when that happens.
+    async fn spawn(
+        &self,
+        line: &str,
+        with_stdin: bool,
+    ) -> Result<openssh::Child<&Session>, openssh::Error> {
+        const ATTEMPTS: u32 = 5;
+        let mut attempt = 1;
+        loop {
+            let stdin = if with_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            };
+            let spawned = self
+                .session
+                .raw_command(line)
+                .stdin(stdin)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await;
+            match spawned {
+                Err(error) if attempt < ATTEMPTS && is_session_refused(&error) => {
+                    tracing::debug!(host = %self.destination.host, attempt, "session refused; retrying");
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Runs `command` and returns its output whatever its exit status.
     pub async fn output(&self, command: &RemoteCommand) -> Result<CommandOutput, SshError> {
         let line = command.to_shell(&self.destination.user, self.destination.sudo);
         tracing::debug!(host = %self.destination.host, command = %command.summary(), "run");
         let run = async {
-            let _session = self.sessions.acquire().await.expect("semaphore is never closed");
-            let mut child = self
-                .session
-                .raw_command(&line)
-                .stdin(if command.stdin.is_some() {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .await?;
+            let _session = self
+                .sessions
+                .acquire()
+                .await
+                .expect("semaphore is never closed");
+            let mut child = self.spawn(&line, command.stdin.is_some()).await?;
             if let Some(bytes) = &command.stdin {
                 if let Some(mut stdin) = child.stdin().take() {
                     // A command that exits without reading its input is not an error here;
@@ -409,6 +437,16 @@ fn describe_status(status: Option<i32>) -> String {
         Some(124) => "timed out (exit status 124 from `timeout`)".into(),
         Some(code) => format!("exited with status {code}"),
     }
+}
+
+fn is_session_refused(error: &openssh::Error) -> bool {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.contains("Session open refused")
 }
 
 fn is_sudo_password_prompt(stderr: &str) -> bool {
