@@ -7,7 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::redact::{redact_url, url_passwords};
+use crate::redact::{percent_decode, redact_url, url_passwords};
 
 /// Queue list used when `QUEUE_NAME` is not set; the web platform pushes jobs here.
 pub const DEFAULT_QUEUE: &str = "yametee:jobs";
@@ -23,8 +23,12 @@ pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
 /// Upper bound of `WORKER_DRAIN_TIMEOUT_SECS`, one hour.
 pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 3600;
 
+/// SMTP port used when `SMTP_URL` names none.
+pub const DEFAULT_SMTP_PORT: u16 = 25;
+
 const DATABASE_URL_FORMAT: &str = "postgres://USER:PASSWORD@HOST:PORT/DATABASE";
 const REDIS_URL_FORMAT: &str = "redis://:PASSWORD@HOST:PORT/DB";
+const SMTP_URL_FORMAT: &str = "smtp://[USER:PASSWORD@]HOST[:PORT]";
 
 /// Validated worker settings.
 #[derive(Clone)]
@@ -41,6 +45,28 @@ pub struct Config {
     pub concurrency: usize,
     /// Time that running jobs get to finish after SIGTERM or SIGINT.
     pub drain_timeout: Duration,
+    /// Relay for `email:send`, or `None` when `SMTP_URL` is not set.
+    pub smtp: Option<SmtpRelay>,
+    /// Sender address of e-mail from `SMTP_FROM`, or `None` for the default
+    /// `<worker name>@<host name>`.
+    pub smtp_from: Option<String>,
+}
+
+/// SMTP relay settings parsed from `SMTP_URL`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmtpRelay {
+    /// The URL as set, for logging through [`redact_url`] and for [`Config::secrets`].
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    /// User name and password for SMTP AUTH, when the URL has them.
+    pub credentials: Option<(String, String)>,
+}
+
+impl fmt::Debug for SmtpRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.url))
+    }
 }
 
 impl fmt::Debug for Config {
@@ -52,6 +78,8 @@ impl fmt::Debug for Config {
             .field("worker_name", &self.worker_name)
             .field("concurrency", &self.concurrency)
             .field("drain_timeout", &self.drain_timeout)
+            .field("smtp", &self.smtp)
+            .field("smtp_from", &self.smtp_from)
             .finish()
     }
 }
@@ -130,6 +158,17 @@ impl Config {
             }),
         };
 
+        let smtp = optional(&lookup, "SMTP_URL").and_then(|url| {
+            parse_smtp_url(&url)
+                .map_err(|problem| problems.push(problem))
+                .ok()
+        });
+
+        let smtp_from = optional(&lookup, "SMTP_FROM");
+        if let Some(from) = &smtp_from {
+            problems.extend(check_smtp_from(from));
+        }
+
         match (database_url, redis_url, concurrency, drain_timeout_secs) {
             (Some(database_url), Some(redis_url), Some(concurrency), Some(drain_secs))
                 if problems.is_empty() =>
@@ -141,16 +180,21 @@ impl Config {
                     worker_name,
                     concurrency,
                     drain_timeout: Duration::from_secs(drain_secs),
+                    smtp,
+                    smtp_from,
                 })
             }
             _ => Err(problems),
         }
     }
 
-    /// Returns the passwords in both URLs, for scrubbing client error messages.
+    /// Returns the passwords in the connection URLs, for scrubbing client error messages.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = url_passwords(&self.database_url);
         secrets.extend(url_passwords(&self.redis_url));
+        if let Some(smtp) = &self.smtp {
+            secrets.extend(url_passwords(&smtp.url));
+        }
         secrets
     }
 }
@@ -294,6 +338,65 @@ fn check_redis_url(url: &str) -> Vec<ConfigProblem> {
     Vec::new()
 }
 
+fn parse_smtp_url(url: &str) -> Result<SmtpRelay, ConfigProblem> {
+    let variable = "SMTP_URL";
+    let shown = redact_url(url);
+    let parsed = parse_url(variable, url, SMTP_URL_FORMAT)?;
+    let problem = |message: String| ConfigProblem { variable, message };
+
+    match parsed.scheme() {
+        "smtp" => {}
+        "smtps" => {
+            return Err(problem(format!(
+                "uses smtps:// (TLS) in {shown}, which this worker does not support: \
+                 use smtp:// to a relay on a private network"
+            )))
+        }
+        other => {
+            return Err(problem(format!(
+                "has scheme {other:?} in {shown}: expected {SMTP_URL_FORMAT}"
+            )))
+        }
+    }
+    if !parsed.path().trim_start_matches('/').is_empty() || parsed.query().is_some() {
+        return Err(problem(format!(
+            "has a path or query in {shown}, which the worker does not read: expected {SMTP_URL_FORMAT}"
+        )));
+    }
+
+    let credentials = match (parsed.username(), parsed.password()) {
+        ("", None) => None,
+        (user, Some(password)) if !user.is_empty() => {
+            Some((percent_decode(user), percent_decode(password)))
+        }
+        _ => {
+            return Err(problem(format!(
+                "has a user name without a password, or a password without a user name, in {shown}"
+            )))
+        }
+    };
+
+    Ok(SmtpRelay {
+        url: url.to_string(),
+        host: parsed.host_str().unwrap_or_default().to_string(),
+        port: parsed.port().unwrap_or(DEFAULT_SMTP_PORT),
+        credentials,
+    })
+}
+
+fn check_smtp_from(from: &str) -> Vec<ConfigProblem> {
+    if from.parse::<lettre::message::Mailbox>().is_ok() {
+        return Vec::new();
+    }
+    vec![ConfigProblem {
+        variable: "SMTP_FROM",
+        message: format!(
+            "is not a valid sender address, got {from:?}: expected name@example.com or \
+             \"Name <name@example.com>\""
+        ),
+    }]
+}
+
 fn check_queue_name(queue: &str) -> Vec<ConfigProblem> {
     if queue.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return vec![ConfigProblem {
@@ -351,6 +454,8 @@ mod tests {
         assert_eq!(config.worker_name, "yametee-worker");
         assert_eq!(config.concurrency, 1);
         assert_eq!(config.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.smtp, None);
+        assert_eq!(config.smtp_from, None);
     }
 
     #[test]
@@ -526,6 +631,77 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("pgpass"));
         assert!(!shown.contains("redispass"));
+    }
+
+    #[test]
+    fn smtp_url_is_parsed() {
+        let config = config_from(&[
+            ("DATABASE_URL", GOOD_DATABASE_URL),
+            ("REDIS_URL", GOOD_REDIS_URL),
+            ("SMTP_URL", "smtp://mailer:p%40ss@relay.internal:2525"),
+            ("SMTP_FROM", "Yametee <shop@example.com>"),
+        ])
+        .unwrap();
+
+        let smtp = config.smtp.clone().expect("SMTP relay set");
+        assert_eq!(smtp.host, "relay.internal");
+        assert_eq!(smtp.port, 2525);
+        assert_eq!(
+            smtp.credentials,
+            Some(("mailer".to_string(), "p@ss".to_string()))
+        );
+        assert_eq!(
+            config.smtp_from.as_deref(),
+            Some("Yametee <shop@example.com>")
+        );
+        assert!(config.secrets().contains(&"p@ss".to_string()));
+        assert!(!format!("{config:?}").contains("p%40ss"));
+    }
+
+    #[test]
+    fn smtp_url_without_port_uses_25() {
+        let config = config_from(&[
+            ("DATABASE_URL", GOOD_DATABASE_URL),
+            ("REDIS_URL", GOOD_REDIS_URL),
+            ("SMTP_URL", "smtp://127.0.0.1"),
+        ])
+        .unwrap();
+
+        let smtp = config.smtp.expect("SMTP relay set");
+        assert_eq!(smtp.port, 25);
+        assert_eq!(smtp.credentials, None);
+    }
+
+    #[test]
+    fn invalid_smtp_settings_are_rejected() {
+        let cases = [
+            ("smtps://relay:465", "TLS"),
+            ("http://relay", "scheme \"http\""),
+            ("smtp://relay/mail?tls=required", "path or query"),
+            ("smtp://user@relay", "without a password"),
+        ];
+        for (url, expected) in cases {
+            let problems = config_from(&[
+                ("DATABASE_URL", GOOD_DATABASE_URL),
+                ("REDIS_URL", GOOD_REDIS_URL),
+                ("SMTP_URL", url),
+            ])
+            .unwrap_err();
+            assert_eq!(problem_variables(&problems), vec!["SMTP_URL"], "{url}");
+            assert!(
+                problems[0].message.contains(expected),
+                "{url}: {}",
+                problems[0].message
+            );
+        }
+
+        let problems = config_from(&[
+            ("DATABASE_URL", GOOD_DATABASE_URL),
+            ("REDIS_URL", GOOD_REDIS_URL),
+            ("SMTP_FROM", "not an address"),
+        ])
+        .unwrap_err();
+        assert_eq!(problem_variables(&problems), vec!["SMTP_FROM"]);
     }
 
     #[test]

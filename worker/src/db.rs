@@ -23,11 +23,18 @@ pub struct Migration {
 
 /// Schema changes in the order they are applied. A released migration is never edited:
 /// a change goes in a new file with the next version.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial_schema",
-    sql: include_str!("../migrations/0001_initial_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial_schema",
+        sql: include_str!("../migrations/0001_initial_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "email_delivery_and_stored_webhooks",
+        sql: include_str!("../migrations/0002_email_delivery_and_stored_webhooks.sql"),
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {

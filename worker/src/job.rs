@@ -73,15 +73,20 @@ pub struct Email {
     pub body: String,
 }
 
-/// A webhook delivery to record.
+/// A webhook event to apply.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Webhook {
-    /// Sender, from the optional `source` field.
-    pub source: Option<String>,
-    /// Event name, from the optional `event` field (or `type` when `event` is absent).
-    pub event: Option<String>,
-    /// The whole `data` object.
-    pub payload: Map<String, Value>,
+pub enum Webhook {
+    /// An event the web platform stored in `webhook_events`, named by `data.eventId`.
+    Stored { event_id: i64 },
+    /// An event carried in the job's data, stored by the worker before it is applied.
+    Inline {
+        /// Sender, from the optional `source` field.
+        source: Option<String>,
+        /// Event name, from the optional `event` field (or `type` when `event` is absent).
+        event: Option<String>,
+        /// The whole `data` object.
+        payload: Map<String, Value>,
+    },
 }
 
 /// Cache entries a `cache:warm` job can compute.
@@ -192,7 +197,7 @@ pub fn parse_job(raw: &str) -> Result<Job, Rejection> {
     let request = match job_type {
         ORDER_PROCESS => parse_order(data),
         EMAIL_SEND => parse_email(data).map(JobRequest::EmailSend),
-        WEBHOOK_PROCESS => Ok(parse_webhook(data)),
+        WEBHOOK_PROCESS => parse_webhook(data).map(JobRequest::WebhookProcess),
         CACHE_WARM => parse_cache_warm(data),
         VERIFY_PROBE => Ok(JobRequest::VerifyProbe),
         unknown => Err(format!(
@@ -290,14 +295,25 @@ fn check_email_address(address: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_webhook(data: &Map<String, Value>) -> JobRequest {
+fn parse_webhook(data: &Map<String, Value>) -> Result<Webhook, String> {
     let text = |name: &str| data.get(name).and_then(Value::as_str).map(str::to_string);
 
-    JobRequest::WebhookProcess(Webhook {
-        source: text("source"),
-        event: text("event").or_else(|| text("type")),
-        payload: data.clone(),
-    })
+    let event_id = match data.get("eventId") {
+        None | Some(Value::Null) => {
+            return Ok(Webhook::Inline {
+                source: text("source"),
+                event: text("event").or_else(|| text("type")),
+                payload: data.clone(),
+            })
+        }
+        Some(Value::Number(number)) => number.as_i64(),
+        Some(Value::String(text)) => text.trim().parse::<i64>().ok(),
+        Some(_) => None,
+    };
+    match event_id {
+        Some(event_id) if event_id > 0 => Ok(Webhook::Stored { event_id }),
+        _ => Err("data.eventId is not a positive whole number".to_string()),
+    }
 }
 
 fn parse_cache_warm(data: &Map<String, Value>) -> Result<JobRequest, String> {
@@ -453,12 +469,49 @@ mod tests {
             r#"{"id":"w1","type":"webhook:process","data":{"source":"stripe","type":"payment.succeeded","amount":1200}}"#,
         );
 
-        let JobRequest::WebhookProcess(webhook) = job.request else {
-            panic!("not a webhook: {:?}", job.request);
+        let JobRequest::WebhookProcess(Webhook::Inline {
+            source,
+            event,
+            payload,
+        }) = job.request
+        else {
+            panic!("not an inline webhook: {:?}", job.request);
         };
-        assert_eq!(webhook.source.as_deref(), Some("stripe"));
-        assert_eq!(webhook.event.as_deref(), Some("payment.succeeded"));
-        assert_eq!(webhook.payload["amount"], 1200);
+        assert_eq!(source.as_deref(), Some("stripe"));
+        assert_eq!(event.as_deref(), Some("payment.succeeded"));
+        assert_eq!(payload["amount"], 1200);
+    }
+
+    #[test]
+    fn webhook_job_names_stored_event() {
+        for data in [r#"{"eventId":42}"#, r#"{"eventId":"42"}"#] {
+            let job = parse(&format!(
+                r#"{{"id":"w1","type":"webhook:process","data":{data}}}"#
+            ));
+            assert_eq!(
+                job.request,
+                JobRequest::WebhookProcess(Webhook::Stored { event_id: 42 }),
+                "{data}"
+            );
+        }
+    }
+
+    #[test]
+    fn webhook_job_with_invalid_event_id_is_rejected() {
+        for data in [
+            r#"{"eventId":0}"#,
+            r#"{"eventId":"x"}"#,
+            r#"{"eventId":[1]}"#,
+        ] {
+            let rejection = reject(&format!(
+                r#"{{"id":"w1","type":"webhook:process","data":{data}}}"#
+            ));
+            assert!(
+                rejection.reason.contains("data.eventId"),
+                "{data}: {}",
+                rejection.reason
+            );
+        }
     }
 
     #[test]

@@ -1,11 +1,20 @@
 //! Names of the Redis keys the worker reads and writes.
 //!
-//! Every key except the probe result is named after the queue list, so two deployments
-//! with different `QUEUE_NAME` values share one Redis without touching each other.
+//! The job lists and sets (queue, in-flight lists, retry set, dead letter list, cache
+//! entries) are named after the queue list, so two deployments with different
+//! `QUEUE_NAME` values keep their jobs apart in one Redis. Heartbeats, counters and probe
+//! results have fixed names, because the deploy tool's `status` and `verify` read them
+//! without knowing the queue name.
 
-/// Prefix of the key a `verify:probe` job writes. It is fixed, not derived from the
-/// queue name, because the deploy tool's verification polls exactly this key.
+/// Prefix of the key a `verify:probe` job writes.
 pub const PROBE_KEY_PREFIX: &str = "yametee:probe:";
+/// Prefix of the heartbeat key of each worker instance.
+pub const HEARTBEAT_KEY_PREFIX: &str = "yametee:workers:";
+/// Counter of jobs completed, by every worker; `<key>:<job type>` counts one type.
+pub const PROCESSED_COUNTER: &str = "yametee:stats:processed";
+/// Counter of failed job attempts, rejected jobs included; `<key>:<job type>` counts one
+/// known type.
+pub const FAILED_COUNTER: &str = "yametee:stats:failed";
 
 /// Key names for one queue, seen from one worker instance.
 #[derive(Debug, Clone)]
@@ -65,8 +74,13 @@ impl QueueKeys {
 
     /// Returns the heartbeat key of any worker instance. The key expires unless its
     /// worker refreshes it, and its absence marks the instance as dead.
+    ///
+    /// NOTE: the key does not name the queue. Two workers with the same instance name (the
+    /// same `WORKER_NAME` on one host) must therefore not serve different queues of one
+    /// Redis, because each would keep the other's heartbeat alive and the first to stop
+    /// would delete it.
     pub fn heartbeat(&self, instance: &str) -> String {
-        format!("{}:worker:{instance}", self.queue)
+        format!("{HEARTBEAT_KEY_PREFIX}{instance}")
     }
 
     /// Returns the sorted set of jobs waiting for a retry, scored by due time in Unix
@@ -94,6 +108,16 @@ impl QueueKeys {
     pub fn probe(job_id: &str) -> String {
         format!("{PROBE_KEY_PREFIX}{job_id}")
     }
+
+    /// Returns the counter of completed jobs of one type.
+    pub fn processed_counter(job_type: &str) -> String {
+        format!("{PROCESSED_COUNTER}:{job_type}")
+    }
+
+    /// Returns the counter of failed attempts of one job type.
+    pub fn failed_counter(job_type: &str) -> String {
+        format!("{FAILED_COUNTER}:{job_type}")
+    }
 }
 
 /// Escapes the characters that `SCAN MATCH` treats as a pattern.
@@ -117,16 +141,12 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_named_after_queue() {
+    fn job_keys_are_named_after_queue() {
         let keys = keys();
 
         assert_eq!(
             keys.own_inflight(),
             "yametee:jobs:inflight:yametee-worker@worker-1"
-        );
-        assert_eq!(
-            keys.own_heartbeat(),
-            "yametee:jobs:worker:yametee-worker@worker-1"
         );
         assert_eq!(keys.retry(), "yametee:jobs:retry");
         assert_eq!(keys.dead(), "yametee:jobs:dead");
@@ -138,9 +158,19 @@ mod tests {
     }
 
     #[test]
-    fn probe_key_ignores_queue_name() {
-        let _ = QueueKeys::new("staging:jobs", "w@h");
+    fn shared_keys_ignore_queue_name() {
+        let keys = QueueKeys::new("staging:jobs", "w@h");
+
+        assert_eq!(keys.own_heartbeat(), "yametee:workers:w@h");
         assert_eq!(QueueKeys::probe("p-1"), "yametee:probe:p-1");
+        assert_eq!(
+            QueueKeys::processed_counter("verify:probe"),
+            "yametee:stats:processed:verify:probe"
+        );
+        assert_eq!(
+            QueueKeys::failed_counter("email:send"),
+            "yametee:stats:failed:email:send"
+        );
     }
 
     #[test]

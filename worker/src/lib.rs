@@ -3,16 +3,23 @@
 //!
 //! `main` reads the [`config::Config`] and hands it to [`worker::run`], which connects,
 //! applies the schema migrations, and runs the fetch loop until SIGTERM or SIGINT.
+//! Each fetched job runs in [`execute`], and [`ack`] removes finished jobs from the
+//! in-flight list in batches.
 
+pub mod ack;
 pub mod config;
 pub mod db;
+pub mod execute;
 pub mod handlers;
 pub mod job;
 pub mod keys;
 pub mod logging;
+pub mod mail;
+pub mod maintenance;
 pub mod queue;
 pub mod redact;
 pub mod retry;
+pub mod startup;
 pub mod worker;
 
 /// Formats an error and its sources on one line, joined by ": ", with line breaks in
@@ -41,6 +48,11 @@ pub fn now_rfc3339() -> String {
 /// Returns the current time in milliseconds since the Unix epoch.
 pub fn unix_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// Returns the current time in microseconds since the Unix epoch.
+pub fn unix_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
 }
 
 #[cfg(test)]

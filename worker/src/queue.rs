@@ -1,11 +1,12 @@
 //! The job queue in Redis: fetching, completion, retries, dead letters, heartbeats and
 //! the return of jobs left behind by stopped workers.
 //!
-//! A fetched job moves atomically from the queue to this instance's in-flight list
-//! (`BLMOVE`) and leaves that list only when it completes, is scheduled for a retry or
-//! goes to the dead letter list. A worker that dies mid-job therefore loses nothing: once
-//! its heartbeat key expires, a live worker moves its in-flight list back to the queue.
-//! The cost is that a job can run twice, which the handlers make harmless.
+//! A fetched job moves atomically from the queue to this instance's in-flight list, by
+//! `BLMOVE` or by a script that moves a batch. It leaves that list only when it completes,
+//! is scheduled for a retry or goes to the dead letter list. A worker that dies mid-job
+//! therefore loses nothing: once its heartbeat key expires, a live worker moves its
+//! in-flight list back to the queue. The cost is that a job can run twice, which the
+//! handlers make harmless.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -58,6 +59,22 @@ for _ = 1, length do
   moved = moved + 1
 end
 return moved
+",
+    )
+});
+
+/// Moves up to ARGV[1] jobs from the head of the queue (KEYS[1]) to the tail of the
+/// in-flight list (KEYS[2]) and returns them in queue order. A script runs atomically, so
+/// no job is ever outside both lists.
+static FETCH_BATCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local jobs = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #jobs > 0 then
+  redis.call('LTRIM', KEYS[1], #jobs, -1)
+  redis.call('RPUSH', KEYS[2], unpack(jobs))
+end
+return jobs
 ",
     )
 });
@@ -142,26 +159,33 @@ pub async fn connect(url: &str, response_timeout: Duration) -> RedisResult<Conne
     client.get_connection_manager_with_config(config).await
 }
 
+/// Reason a Redis server cannot serve as the queue.
+#[derive(Debug)]
+pub enum ServerProblem {
+    /// The server did not reply, but it may later.
+    Unreachable(redis::RedisError),
+    /// The server replied but lacks `BLMOVE`, so waiting will not help.
+    TooOld(String),
+}
+
 /// Sends `PING` and checks that the server is recent enough for `BLMOVE`.
-///
-/// Returns a message for the "Redis connection failed" line when the version is too old.
-pub async fn check_server(connection: &mut ConnectionManager) -> Result<(), String> {
+pub async fn check_server(connection: &mut ConnectionManager) -> Result<(), ServerProblem> {
     let _: String = redis::cmd("PING")
         .query_async(connection)
         .await
-        .map_err(|error| crate::error_chain(&error))?;
+        .map_err(ServerProblem::Unreachable)?;
 
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(connection)
         .await
-        .map_err(|error| crate::error_chain(&error))?;
+        .map_err(ServerProblem::Unreachable)?;
 
     match parse_redis_version(&info) {
-        Some(version) if version < MIN_REDIS_VERSION => Err(format!(
+        Some(version) if version < MIN_REDIS_VERSION => Err(ServerProblem::TooOld(format!(
             "Redis {}.{} is too old: the worker needs {}.{} or newer for BLMOVE",
             version.0, version.1, MIN_REDIS_VERSION.0, MIN_REDIS_VERSION.1
-        )),
+        ))),
         _ => Ok(()),
     }
 }
@@ -198,13 +222,30 @@ impl Queue {
         self.connection.clone()
     }
 
-    /// Removes a finished job from this instance's in-flight list.
-    pub async fn complete(&mut self, raw: &str) -> RedisResult<Removal> {
-        let removed: i64 = self
-            .connection
-            .lrem(self.keys.own_inflight(), 1, raw)
-            .await?;
-        Ok(removal(removed))
+    /// Applies each finished job's effect command, when it has one, removes the jobs from
+    /// this instance's in-flight list and adds `increments` to counters, in one `MULTI`
+    /// transaction and one round trip. Returns, for each job in order, whether it was
+    /// still in flight.
+    pub async fn complete_batch(
+        &mut self,
+        jobs: &[(&str, Option<&redis::Cmd>)],
+        increments: &[(String, i64)],
+    ) -> RedisResult<Vec<Removal>> {
+        let inflight = self.keys.own_inflight();
+        let mut transaction = redis::pipe();
+        transaction.atomic();
+        for (raw, effect) in jobs {
+            if let Some(effect) = effect {
+                transaction.add_command((*effect).clone()).ignore();
+            }
+            transaction.lrem(&inflight, 1, *raw);
+        }
+        for (counter, amount) in increments {
+            transaction.incr(counter, *amount).ignore();
+        }
+
+        let removed: Vec<i64> = transaction.query_async(&mut self.connection).await?;
+        Ok(removed.into_iter().map(removal).collect())
     }
 
     /// Moves a failed job from the in-flight list to the retry set, due at `due_unix_ms`.
@@ -272,6 +313,23 @@ impl Queue {
             .key(self.keys.queue())
             .invoke_async(&mut self.connection)
             .await
+    }
+
+    /// Moves `raws`, oldest first, from this instance's in-flight list back to the head of
+    /// the queue in the same order, and returns how many moved.
+    pub async fn return_jobs(&mut self, raws: &[String]) -> RedisResult<usize> {
+        let mut moved = 0;
+        // Pushing the newest first onto the head leaves the oldest in front.
+        for raw in raws.iter().rev() {
+            let returned: i64 = RETURN_ONE_SCRIPT
+                .key(self.keys.own_inflight())
+                .key(self.keys.queue())
+                .arg(raw)
+                .invoke_async(&mut self.connection)
+                .await?;
+            moved += usize::try_from(returned).unwrap_or(0);
+        }
+        Ok(moved)
     }
 
     /// Returns the jobs of this instance's in-flight list that are not in `running` to the
@@ -374,8 +432,8 @@ fn removal(count: i64) -> Removal {
     }
 }
 
-/// The blocking fetch, on a connection of its own: a blocked command holds its
-/// connection, and sharing it would stall every other command behind the wait.
+/// The fetch, on a connection of its own: a blocked command holds its connection, and
+/// sharing it would stall every other command behind the wait.
 pub struct Fetcher {
     connection: ConnectionManager,
     keys: QueueKeys,
@@ -386,9 +444,20 @@ impl Fetcher {
         Fetcher { connection, keys }
     }
 
+    /// Moves up to `max_jobs` jobs to this instance's in-flight list without waiting, and
+    /// returns them oldest first; none when the queue is empty.
+    pub async fn fetch_batch(&mut self, max_jobs: usize) -> RedisResult<Vec<String>> {
+        FETCH_BATCH_SCRIPT
+            .key(self.keys.queue())
+            .key(self.keys.own_inflight())
+            .arg(max_jobs.max(1))
+            .invoke_async(&mut self.connection)
+            .await
+    }
+
     /// Waits up to [`FETCH_BLOCK_TIMEOUT`] for a job and moves it to this instance's
     /// in-flight list. Returns `None` when the wait ended without a job.
-    pub async fn fetch(&mut self) -> RedisResult<Option<String>> {
+    pub async fn fetch_blocking(&mut self) -> RedisResult<Option<String>> {
         self.connection
             .blmove(
                 self.keys.queue(),

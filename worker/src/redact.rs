@@ -89,7 +89,7 @@ pub fn url_passwords(url: &str) -> Vec<String> {
 }
 
 /// Decodes `%XX` escapes, leaving a malformed escape as it is.
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut index = 0;

@@ -22,16 +22,26 @@ pub enum FailureAction {
 }
 
 /// Decides the fate of a job that had `previous_attempts` failed attempts before the one
-/// that just failed.
-pub fn on_failure(previous_attempts: u32) -> FailureAction {
+/// that just failed. `jitter` is a number from 0 to 1, random in production, that spreads
+/// the retries of jobs which failed together (see [`with_jitter`]).
+pub fn on_failure(previous_attempts: u32, jitter: f64) -> FailureAction {
     let attempts = previous_attempts.saturating_add(1);
     if attempts >= MAX_ATTEMPTS {
         return FailureAction::DeadLetter { attempts };
     }
     FailureAction::Retry {
         attempts,
-        delay: backoff_delay(attempts),
+        delay: with_jitter(backoff_delay(attempts), jitter),
     }
+}
+
+/// Returns a delay from half of `delay` (`jitter` 0) up to the whole of it (`jitter` 1).
+///
+/// Jobs that failed in the same outage would otherwise all come back in the same second
+/// and could cause the next one. Half the delay stays fixed, so the wait still grows.
+pub fn with_jitter(delay: Duration, jitter: f64) -> Duration {
+    let half = delay / 2;
+    half + half.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 /// Returns the wait after the `failed_attempts`-th failure: 10 s, 20 s, 40 s, … up to
@@ -94,24 +104,38 @@ mod tests {
     #[test]
     fn failures_retry_until_attempt_limit() {
         assert_eq!(
-            on_failure(0),
+            on_failure(0, 1.0),
             FailureAction::Retry {
                 attempts: 1,
                 delay: Duration::from_secs(10)
             }
         );
         assert_eq!(
-            on_failure(3),
+            on_failure(3, 1.0),
             FailureAction::Retry {
                 attempts: 4,
                 delay: Duration::from_secs(80)
             }
         );
-        assert_eq!(on_failure(4), FailureAction::DeadLetter { attempts: 5 });
         assert_eq!(
-            on_failure(u32::MAX),
+            on_failure(4, 0.5),
+            FailureAction::DeadLetter { attempts: 5 }
+        );
+        assert_eq!(
+            on_failure(u32::MAX, 0.5),
             FailureAction::DeadLetter { attempts: u32::MAX }
         );
+    }
+
+    #[test]
+    fn jitter_keeps_delay_between_half_and_whole() {
+        let delay = Duration::from_secs(40);
+
+        assert_eq!(with_jitter(delay, 0.0), Duration::from_secs(20));
+        assert_eq!(with_jitter(delay, 0.5), Duration::from_secs(30));
+        assert_eq!(with_jitter(delay, 1.0), delay);
+        assert_eq!(with_jitter(delay, -3.0), Duration::from_secs(20));
+        assert_eq!(with_jitter(delay, 7.0), delay);
     }
 
     #[test]

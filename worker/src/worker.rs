@@ -1,44 +1,47 @@
-//! Start-up, the fetch loop, background maintenance and graceful shutdown.
+//! The worker's run: start-up, the fetch loop and graceful shutdown.
+//!
+//! The fetch loop moves jobs in batches while the queue is deep and blocks on `BLMOVE`
+//! only when it is empty. It keeps at most `WORKER_CONCURRENCY` running jobs plus
+//! [`PREFETCH_JOBS`] fetched ones waiting for a free slot, and every one of them stays in
+//! this instance's in-flight list until it is acknowledged.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
-use tokio::time::{interval, sleep, timeout, Instant, MissedTickBehavior};
-use tracing::{debug, error, info, warn};
+use tokio::time::{sleep, timeout};
+use tracing::{error, info, warn};
 
+use crate::ack::{self, Ack, Claims};
 use crate::config::Config;
-use crate::db::{self, DatabaseSlot};
+use crate::db::DatabaseSlot;
 use crate::error_chain;
-use crate::handlers::{self, JobContext, JobError, Outcome, JOB_TIMEOUT};
-use crate::job::{self, Job};
+use crate::execute::{run_job, FetchedJob};
 use crate::keys::QueueKeys;
-use crate::queue::{self, Fetcher, Queue, Removal};
+use crate::mail::Mailer;
+use crate::maintenance::maintain;
+use crate::queue::{Fetcher, Queue};
 use crate::redact::scrub_secrets;
-use crate::retry::{self, FailureAction, MAX_ATTEMPTS};
+use crate::startup::{self, Connections};
 
+/// Jobs fetched ahead of a free slot. While every slot is busy the next jobs are already
+/// here, so a deep queue of short jobs keeps every slot busy. It also bounds the jobs one
+/// instance keeps from other workers on the same queue.
+pub const PREFETCH_JOBS: usize = 32;
 /// Consecutive failed fetches after which the worker gives up and exits non-zero, so
-/// that systemd restarts it. With the waits of [`fetch_retry_delay`] in between, this is
+/// that systemd restarts it. With the waits of [`reconnect_delay`] in between, this is
 /// about a minute.
 const MAX_FETCH_FAILURES: u32 = 12;
-/// Maximum wait between two failed fetches.
-const MAX_FETCH_RETRY_DELAY: Duration = Duration::from_secs(5);
-/// Interval between moves of due retries back to the queue.
-const RETRY_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Interval between checks for in-flight jobs of dead workers. With the heartbeat's
-/// 15 s lifetime, a dead worker's jobs return within about 30 s.
-const RECLAIM_INTERVAL: Duration = Duration::from_secs(15);
-/// Attempts at removing a finished job from the in-flight list before giving up.
-const FINISH_ATTEMPTS: u32 = 3;
+/// Maximum wait between two attempts at reaching Redis.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 /// Maximum wait for the maintenance task to stop at shutdown.
 const MAINTENANCE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// A repeated background failure is logged on its first occurrence and then once every
-/// this many occurrences, so that a Redis outage does not flood the journal.
-const FAILURE_LOG_EVERY: u32 = 12;
+/// Maximum wait at shutdown for the last acknowledgements. Three attempts with a second
+/// between them and a 5 s response timeout each fit.
+const ACK_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Failures that stop the worker. The messages of the first three are the log lines the
 /// deploy tool's verification looks for.
@@ -57,39 +60,17 @@ pub enum WorkerError {
 }
 
 /// State shared by the fetch loop and the job tasks.
-struct Shared {
-    queue: Queue,
-    /// Jobs being processed, as a multiset of their raw documents, so that the fetch
-    /// loop can tell them from jobs a lost `BLMOVE` reply left in the in-flight list.
-    running: Mutex<HashMap<String, usize>>,
+pub struct Shared {
+    pub queue: Queue,
+    pub claims: Arc<Claims>,
+    pub acks: mpsc::Sender<Ack>,
+    pub mailer: Option<Mailer>,
     /// Passwords to remove from error messages before logging them.
     secrets: Vec<String>,
 }
 
 impl Shared {
-    fn start_running(&self, raw: &str) {
-        let mut running = self.running.lock().expect("running jobs lock poisoned");
-        *running.entry(raw.to_string()).or_default() += 1;
-    }
-
-    fn stop_running(&self, raw: &str) {
-        let mut running = self.running.lock().expect("running jobs lock poisoned");
-        if let Some(count) = running.get_mut(raw) {
-            *count -= 1;
-            if *count == 0 {
-                running.remove(raw);
-            }
-        }
-    }
-
-    fn running_snapshot(&self) -> HashMap<String, usize> {
-        self.running
-            .lock()
-            .expect("running jobs lock poisoned")
-            .clone()
-    }
-
-    fn scrub(&self, text: &str) -> String {
+    pub fn scrub(&self, text: &str) -> String {
         scrub_secrets(text, &self.secrets)
     }
 }
@@ -101,17 +82,28 @@ impl Shared {
 pub async fn run(config: Config) -> Result<(), WorkerError> {
     let mut shutdown =
         listen_for_signals().map_err(|error| WorkerError::Signals(error.to_string()))?;
-    let connections = connect(&config).await?;
+    let Some(connections) = startup::connect(&config, &mut shutdown).await? else {
+        info!("Worker {} stopped before it was ready", config.worker_name);
+        return Ok(());
+    };
+    let Connections {
+        database_config,
+        first_database_client,
+        commands,
+        fetching,
+    } = connections;
 
-    let instance = instance_name(&config.worker_name, &host_name());
+    let host = startup::host_name();
+    let instance = startup::instance_name(&config.worker_name, &host);
     let keys = QueueKeys::new(&config.queue, &instance);
-    let mut queue = Queue::new(connections.commands, keys.clone());
-    let heartbeat = heartbeat_value(&config);
-    prepare_queue(&mut queue, &heartbeat)
+    let mut queue = Queue::new(commands, keys.clone());
+    let heartbeat = startup::heartbeat_value(&config);
+    startup::prepare_queue(&mut queue, &heartbeat)
         .await
         .map_err(|error| {
             WorkerError::RedisConnection(scrub_secrets(&error_chain(&error), &config.secrets()))
         })?;
+    let mailer = startup::connect_mailer(&config, &host);
     info!(
         instance = %instance,
         queue = %config.queue,
@@ -121,16 +113,19 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
 
     let (stop_maintenance, maintenance_stop) = watch::channel(false);
     let maintenance = tokio::spawn(maintain(queue.clone(), heartbeat, maintenance_stop));
+    let claims = Arc::new(Claims::default());
+    let (acks, acknowledging) = ack::start(queue.clone(), Arc::clone(&claims), config.secrets());
 
     let shared = Arc::new(Shared {
         queue: queue.clone(),
-        running: Mutex::new(HashMap::new()),
+        claims,
+        acks,
+        mailer,
         secrets: config.secrets(),
     });
-    let database_config = connections.database_config;
     let mut slots = vec![DatabaseSlot::new(
         database_config.clone(),
-        Some(connections.first_database_client),
+        Some(first_database_client),
     )];
     slots.extend((1..config.concurrency).map(|_| DatabaseSlot::new(database_config.clone(), None)));
 
@@ -143,21 +138,34 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
     }
 
     let mut tasks = JoinSet::new();
-    let fetched = fetch_jobs(
-        Fetcher::new(connections.blocking, keys),
-        &shared,
-        slots,
-        &database_config,
-        &mut tasks,
-        &mut shutdown,
-    )
+    let mut waiting = VecDeque::new();
+    let fetched = FetchLoop {
+        fetcher: Fetcher::new(fetching, keys),
+        shared: &shared,
+        database_config: &database_config,
+        idle_slots: slots,
+        waiting: &mut waiting,
+        tasks: &mut tasks,
+    }
+    .run(&mut shutdown)
     .await;
 
     notify_systemd(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("Draining jobs"),
     ]);
+    return_waiting_jobs(&shared, &mut waiting).await;
     drain(&mut tasks, config.drain_timeout).await;
+
+    // Dropping the last sender lets the acknowledging task finish its batch and end.
+    drop(tasks);
+    drop(shared);
+    if timeout(ACK_STOP_TIMEOUT, acknowledging).await.is_err() {
+        warn!(
+            "Acknowledgements did not finish within {} s; the jobs concerned return to the queue",
+            ACK_STOP_TIMEOUT.as_secs()
+        );
+    }
 
     let _ = stop_maintenance.send(true);
     if timeout(MAINTENANCE_STOP_TIMEOUT, maintenance)
@@ -169,182 +177,187 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
             MAINTENANCE_STOP_TIMEOUT.as_secs()
         );
     }
-    release_queue(&mut queue, &shared).await;
+    release_queue(&mut queue, &config.secrets()).await;
 
     info!("Worker {} stopped", config.worker_name);
     fetched
 }
 
-/// Open connections after start-up checks.
-struct Connections {
-    database_config: tokio_postgres::Config,
-    first_database_client: tokio_postgres::Client,
-    /// Redis connection for every command except the blocking fetch.
-    commands: redis::aio::ConnectionManager,
-    /// Redis connection reserved for `BLMOVE`.
-    blocking: redis::aio::ConnectionManager,
-}
-
-/// Connects to PostgreSQL, applies the migrations and connects to Redis, logging the
-/// "Database connection successful" and "Redis connection successful" lines.
-async fn connect(config: &Config) -> Result<Connections, WorkerError> {
-    let secrets = config.secrets();
-    let scrub = |text: String| scrub_secrets(&text, &secrets);
-
-    let database_config = db::connection_config(&config.database_url)
-        .map_err(|error| WorkerError::DatabaseConnection(scrub(error_chain(&error))))?;
-    let mut first_database_client = connect_database(&database_config)
-        .await
-        .map_err(|reason| WorkerError::DatabaseConnection(scrub(reason)))?;
-    info!("Database connection successful");
-
-    db::apply_migrations(&mut first_database_client)
-        .await
-        .map_err(|error| WorkerError::DatabaseMigration(scrub(error_chain(&error))))?;
-
-    let redis_failed =
-        |error: redis::RedisError| WorkerError::RedisConnection(scrub(error_chain(&error)));
-    let mut commands = queue::connect(&config.redis_url, queue::COMMAND_RESPONSE_TIMEOUT)
-        .await
-        .map_err(redis_failed)?;
-    queue::check_server(&mut commands)
-        .await
-        .map_err(|reason| WorkerError::RedisConnection(scrub(reason)))?;
-    let blocking = queue::connect(&config.redis_url, queue::FETCH_RESPONSE_TIMEOUT)
-        .await
-        .map_err(redis_failed)?;
-    info!("Redis connection successful");
-
-    Ok(Connections {
-        database_config,
-        first_database_client,
-        commands,
-        blocking,
-    })
-}
-
-/// Opens the first PostgreSQL connection and checks it with `SELECT 1`.
-async fn connect_database(
-    config: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, String> {
-    let client = db::connect(config)
-        .await
-        .map_err(|error| error_chain(&error))?;
-    client
-        .simple_query("SELECT 1")
-        .await
-        .map_err(|error| error_chain(&error))?;
-    Ok(client)
-}
-
-/// Returns jobs that an earlier run of this instance left in flight, publishes the first
-/// heartbeat, and returns jobs of workers whose heartbeat expired.
-async fn prepare_queue(queue: &mut Queue, heartbeat: &str) -> redis::RedisResult<()> {
-    // An instance name is unique per host and worker name, so whatever its in-flight
-    // list contains at start was left by a previous process that stopped mid-job.
-    let returned = queue.return_own_inflight().await?;
-    if returned > 0 {
-        warn!(
-            instance = %queue.keys().instance(),
-            "Moved {returned} job(s) that a previous run of this worker left in flight back to the queue"
-        );
-    }
-
-    queue.beat(heartbeat).await?;
-    log_reclaimed(&queue.reclaim_from_dead_workers().await?);
-    Ok(())
-}
-
 /// Takes jobs from the queue and starts one task per job, with at most one task per
 /// database slot, until shutdown is requested or Redis stays unreachable.
-async fn fetch_jobs(
-    mut fetcher: Fetcher,
-    shared: &Arc<Shared>,
-    mut idle_slots: Vec<DatabaseSlot>,
-    database_config: &tokio_postgres::Config,
-    tasks: &mut JoinSet<DatabaseSlot>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), WorkerError> {
-    let mut failures = 0;
-    let mut check_unclaimed = false;
+struct FetchLoop<'a> {
+    fetcher: Fetcher,
+    shared: &'a Arc<Shared>,
+    database_config: &'a tokio_postgres::Config,
+    idle_slots: Vec<DatabaseSlot>,
+    /// Fetched jobs waiting for a free slot, oldest first.
+    waiting: &'a mut VecDeque<FetchedJob>,
+    tasks: &'a mut JoinSet<DatabaseSlot>,
+}
 
-    loop {
-        while let Some(finished) = tasks.try_join_next() {
-            idle_slots.push(recover_slot(finished, database_config));
-        }
-        if *shutdown.borrow() {
-            return Ok(());
-        }
+/// Way the fetch loop gets its next jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchMode {
+    /// Take what the queue has, up to the room left, without waiting.
+    Batch,
+    /// As [`FetchMode::Batch`], then block on `BLMOVE` when the queue was empty.
+    BatchOrBlock,
+}
 
-        if idle_slots.is_empty() {
-            tokio::select! {
-                _ = shutdown.changed() => return Ok(()),
-                Some(finished) = tasks.join_next() => {
-                    idle_slots.push(recover_slot(finished, database_config));
-                }
+impl FetchLoop<'_> {
+    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), WorkerError> {
+        let capacity = self.idle_slots.len() + PREFETCH_JOBS;
+        let mut failures = 0;
+        let mut check_unclaimed = false;
+        let mut queue_was_deep = false;
+
+        loop {
+            while let Some(finished) = self.tasks.try_join_next() {
+                self.idle_slots
+                    .push(recover_slot(finished, self.database_config));
             }
-            continue;
-        }
-
-        if check_unclaimed {
-            let mut queue = shared.queue.clone();
-            match queue.return_unclaimed(&shared.running_snapshot()).await {
-                Ok(returned) => {
-                    check_unclaimed = false;
-                    if returned > 0 {
-                        warn!(
-                            "Moved {returned} job(s) whose fetch reply was lost back to the queue"
-                        );
-                    }
-                }
-                Err(error) => debug!(
-                    "Checking the in-flight list failed: {}",
-                    shared.scrub(&error_chain(&error))
-                ),
+            if *shutdown.borrow() {
+                return Ok(());
             }
-        }
+            self.start_waiting_jobs();
 
-        // The fetch is not raced against the shutdown signal: see FETCH_BLOCK_TIMEOUT.
-        match fetcher.fetch().await {
-            Ok(Some(raw)) => {
-                log_fetch_recovery(&mut failures);
-                shared.start_running(&raw);
-                let slot = idle_slots.pop().expect("an idle slot was checked above");
-                tasks.spawn(run_job(raw, slot, Arc::clone(shared)));
-            }
-            Ok(None) => log_fetch_recovery(&mut failures),
-            Err(error) => {
-                failures += 1;
-                check_unclaimed = true;
-                let reason = shared.scrub(&error_chain(&error));
-                if failures >= MAX_FETCH_FAILURES {
-                    return Err(WorkerError::RedisLost(reason));
-                }
-                let delay = fetch_retry_delay(failures);
-                warn!(
-                    "Fetching a job from Redis failed (attempt {failures} of {MAX_FETCH_FAILURES}), \
-                     retrying in {} s: {reason}",
-                    delay.as_secs()
-                );
+            let room = capacity.saturating_sub(self.waiting.len() + self.tasks.len());
+            let Some(mode) = choose_fetch(
+                room,
+                !self.waiting.is_empty(),
+                self.idle_slots.is_empty(),
+                queue_was_deep,
+            ) else {
                 tokio::select! {
                     _ = shutdown.changed() => return Ok(()),
-                    () = sleep(delay) => {}
+                    Some(finished) = self.tasks.join_next() => {
+                        self.idle_slots.push(recover_slot(finished, self.database_config));
+                    }
                 }
+                continue;
+            };
+
+            if check_unclaimed {
+                check_unclaimed = !self.return_unclaimed().await;
+            }
+
+            // The fetch is not raced against the shutdown signal: see FETCH_BLOCK_TIMEOUT.
+            match self.fetch(mode, room).await {
+                Ok(count) => {
+                    log_fetch_recovery(&mut failures);
+                    queue_was_deep = count >= room;
+                }
+                Err(error) => {
+                    failures += 1;
+                    check_unclaimed = true;
+                    queue_was_deep = false;
+                    let reason = self.shared.scrub(&error_chain(&error));
+                    if failures >= MAX_FETCH_FAILURES {
+                        return Err(WorkerError::RedisLost(reason));
+                    }
+                    let delay = reconnect_delay(failures);
+                    warn!(
+                        "Redis connection failed while fetching jobs (attempt {failures} of \
+                         {MAX_FETCH_FAILURES}), reconnecting in {} s: {reason}",
+                        delay.as_secs()
+                    );
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        () = sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts waiting jobs while there are idle slots.
+    fn start_waiting_jobs(&mut self) {
+        while !self.idle_slots.is_empty() {
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
+            let slot = self
+                .idle_slots
+                .pop()
+                .expect("an idle slot was checked above");
+            self.tasks
+                .spawn(run_job(job, slot, Arc::clone(self.shared)));
+        }
+    }
+
+    /// Fetches up to `room` jobs into the waiting list and returns how many came.
+    async fn fetch(&mut self, mode: FetchMode, room: usize) -> redis::RedisResult<usize> {
+        let mut raws = self.fetcher.fetch_batch(room).await?;
+        if raws.is_empty() && mode == FetchMode::BatchOrBlock {
+            raws.extend(self.fetcher.fetch_blocking().await?);
+        }
+
+        let picked_up_unix_us = crate::unix_micros();
+        let count = raws.len();
+        for raw in raws {
+            self.shared.claims.claim(&raw);
+            self.waiting.push_back(FetchedJob {
+                raw,
+                picked_up_unix_us,
+            });
+        }
+        Ok(count)
+    }
+
+    /// Returns jobs that a lost fetch reply left in the in-flight list unclaimed. Returns
+    /// whether the check ran.
+    async fn return_unclaimed(&self) -> bool {
+        let mut queue = self.shared.queue.clone();
+        match queue.return_unclaimed(&self.shared.claims.snapshot()).await {
+            Ok(returned) => {
+                if returned > 0 {
+                    warn!("Moved {returned} job(s) whose fetch reply was lost back to the queue");
+                }
+                true
+            }
+            Err(error) => {
+                warn!(
+                    "Checking the in-flight list for unclaimed jobs failed: {}",
+                    self.shared.scrub(&error_chain(&error))
+                );
+                false
             }
         }
     }
 }
 
-/// Returns the wait after the `failures`-th consecutive failed fetch: 1 s, 2 s, 4 s, then
-/// [`MAX_FETCH_RETRY_DELAY`], so a short Redis restart delays jobs by about a second.
-fn fetch_retry_delay(failures: u32) -> Duration {
+/// Decides whether to fetch now and how, or to wait for a running job to finish (`None`).
+///
+/// Jobs that wait for a slot, or no room left, mean waiting. With idle slots the loop
+/// fetches and blocks when the queue is empty. With every slot busy it fetches ahead only
+/// while the last fetch found the queue deep, so that an idle worker does not sit in
+/// `BLMOVE` holding a job that no slot can take.
+fn choose_fetch(
+    room: usize,
+    jobs_waiting: bool,
+    slots_busy: bool,
+    queue_was_deep: bool,
+) -> Option<FetchMode> {
+    if room == 0 || jobs_waiting {
+        return None;
+    }
+    if !slots_busy {
+        return Some(FetchMode::BatchOrBlock);
+    }
+    queue_was_deep.then_some(FetchMode::Batch)
+}
+
+/// Returns the wait after the `failures`-th consecutive failure to reach Redis: 1 s, 2 s,
+/// 4 s, then [`MAX_RECONNECT_DELAY`], so a short Redis restart delays jobs by about a
+/// second.
+pub fn reconnect_delay(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(8);
-    Duration::from_secs(1 << doublings).min(MAX_FETCH_RETRY_DELAY)
+    Duration::from_secs(1 << doublings).min(MAX_RECONNECT_DELAY)
 }
 
 fn log_fetch_recovery(failures: &mut u32) {
     if *failures > 0 {
-        info!("Fetching jobs from Redis works again after {failures} failure(s)");
+        info!("Redis connection re-established after {failures} failed fetch(es)");
         *failures = 0;
     }
 }
@@ -365,168 +378,23 @@ fn recover_slot(
     })
 }
 
-/// Processes one fetched job and takes it out of the in-flight list: completed, retried
-/// later or dead-lettered. Returns the database slot for the next job.
-async fn run_job(raw: String, mut slot: DatabaseSlot, shared: Arc<Shared>) -> DatabaseSlot {
-    let started = Instant::now();
-
-    match job::parse_job(&raw) {
-        Err(rejection) => {
-            error!(
-                job_id = rejection.job_id.as_deref().map(tracing::field::display),
-                job_type = rejection.job_type.as_deref().map(tracing::field::display),
-                "Job {} rejected and moved to the dead letter list: {}",
-                rejection.job_id.as_deref().unwrap_or("without id"),
-                rejection.reason
-            );
-            let job_id = rejection.job_id.as_deref().unwrap_or("without id");
-            dead_letter(&shared, &raw, job_id, &rejection.reason).await;
-        }
-        Ok(job) => {
-            info!(
-                job_id = %job.id,
-                job_type = %job.request.job_type(),
-                attempt = job.attempts + 1,
-                "Processing job {} of type {}", job.id, job.request.job_type()
-            );
-            let context = JobContext {
-                database: &mut slot,
-                redis: shared.queue.connection(),
-                keys: shared.queue.keys(),
-            };
-            let result = timeout(JOB_TIMEOUT, handlers::handle(&job, context))
-                .await
-                .unwrap_or(Err(JobError::TimedOut(JOB_TIMEOUT)));
-            if matches!(result, Err(JobError::TimedOut(_))) {
-                slot.discard().await;
-            }
-            finish_job(&shared, &raw, &job, result, started).await;
-        }
+/// Returns fetched jobs that never started to the head of the queue at once, so that
+/// other workers can take them while this one drains.
+async fn return_waiting_jobs(shared: &Shared, waiting: &mut VecDeque<FetchedJob>) {
+    if waiting.is_empty() {
+        return;
     }
 
-    shared.stop_running(&raw);
-    slot
-}
-
-async fn finish_job(
-    shared: &Shared,
-    raw: &str,
-    job: &Job,
-    result: Result<Outcome, JobError>,
-    started: Instant,
-) {
-    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-
-    let error = match result {
-        Ok(outcome) => {
-            match outcome {
-                Outcome::Done => {
-                    info!(job_id = %job.id, elapsed_ms, "Job {} completed in {elapsed_ms} ms", job.id)
-                }
-                Outcome::AlreadyProcessed => info!(
-                    job_id = %job.id,
-                    "Job {} was already processed; nothing applied again", job.id
-                ),
-            }
-            remove_from_inflight(shared, &job.id, "completion", |mut queue| {
-                let raw = raw.to_string();
-                async move { queue.complete(&raw).await }
-            })
-            .await;
-            return;
-        }
-        Err(error) => shared.scrub(&error_chain(&error)),
-    };
-
-    match retry::on_failure(job.attempts) {
-        FailureAction::Retry { attempts, delay } => {
-            warn!(
-                job_id = %job.id,
-                job_type = %job.request.job_type(),
-                attempt = attempts,
-                "Job {} failed (attempt {attempts} of {MAX_ATTEMPTS}), retrying in {} s: {error}",
-                job.id,
-                delay.as_secs()
-            );
-            let document = retry::retry_document(&job.document, attempts, &error);
-            let due =
-                crate::unix_millis() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-            remove_from_inflight(shared, &job.id, "retry scheduling", |mut queue| {
-                let (raw, document) = (raw.to_string(), document.clone());
-                async move { queue.schedule_retry(&raw, &document, due).await }
-            })
-            .await;
-        }
-        FailureAction::DeadLetter { attempts } => {
-            let reason = format!("failed {attempts} attempts, last error: {error}");
-            error!(
-                job_id = %job.id,
-                job_type = %job.request.job_type(),
-                "Job {} moved to the dead letter list: {reason}", job.id
-            );
-            dead_letter(shared, raw, &job.id, &reason).await;
-        }
-    }
-}
-
-async fn dead_letter(shared: &Shared, raw: &str, job_id: &str, reason: &str) {
-    let envelope = retry::dead_letter_envelope(
-        raw,
-        reason,
-        &crate::now_rfc3339(),
-        shared.queue.keys().instance(),
-    );
-    remove_from_inflight(
-        shared,
-        job_id,
-        "move to the dead letter list",
-        |mut queue| {
-            let (raw, envelope) = (raw.to_string(), envelope.clone());
-            async move { queue.dead_letter(&raw, &envelope).await }
-        },
-    )
-    .await;
-}
-
-/// Runs one of the queue operations that take a job out of the in-flight list, up to
-/// [`FINISH_ATTEMPTS`] times.
-///
-/// When every attempt fails, the job stays in the in-flight list and runs again after
-/// the next restart of this worker, which is harmless because handlers skip completed
-/// job ids.
-async fn remove_from_inflight<F, Fut>(shared: &Shared, job_id: &str, action: &str, operation: F)
-where
-    F: Fn(Queue) -> Fut,
-    Fut: std::future::Future<Output = redis::RedisResult<Removal>>,
-{
-    for attempt in 1..=FINISH_ATTEMPTS {
-        match operation(shared.queue.clone()).await {
-            Ok(Removal::Removed) => return,
-            Ok(Removal::NotInFlight) => {
-                warn!(
-                    job_id = %job_id,
-                    "Job {job_id} was no longer in this worker's in-flight list at its {action}, \
-                     because another worker returned it to the queue after this one missed its heartbeats"
-                );
-                return;
-            }
-            Err(error) if attempt < FINISH_ATTEMPTS => {
-                warn!(
-                    job_id = %job_id,
-                    "Redis failed during the {action} of job {job_id} (attempt {attempt} of {FINISH_ATTEMPTS}): {}",
-                    shared.scrub(&error_chain(&error))
-                );
-                sleep(Duration::from_secs(1)).await;
-            }
-            Err(error) => {
-                error!(
-                    job_id = %job_id,
-                    "Gave up the {action} of job {job_id} after {FINISH_ATTEMPTS} attempts. It stays in \
-                     flight until this worker restarts: {}",
-                    shared.scrub(&error_chain(&error))
-                );
-            }
-        }
+    let raws: Vec<String> = waiting.drain(..).map(|job| job.raw).collect();
+    let mut queue = shared.queue.clone();
+    match queue.return_jobs(&raws).await {
+        Ok(returned) => info!("Returned {returned} job(s) that had not started to the queue"),
+        // They stay in the in-flight list, which the release at the end returns.
+        Err(error) => warn!(
+            "Returning {} job(s) that had not started failed: {}",
+            raws.len(),
+            shared.scrub(&error_chain(&error))
+        ),
     }
 }
 
@@ -562,114 +430,22 @@ async fn drain(tasks: &mut JoinSet<DatabaseSlot>, drain_timeout: Duration) {
 
 /// Returns unfinished jobs to the queue and deletes the heartbeat key, so that this
 /// instance stops counting as live at once instead of after the key's lifetime.
-async fn release_queue(queue: &mut Queue, shared: &Shared) {
+async fn release_queue(queue: &mut Queue, secrets: &[String]) {
     match queue.return_own_inflight().await {
         Ok(0) => {}
         Ok(returned) => info!("Returned {returned} unfinished job(s) to the queue"),
         Err(error) => error!(
             "Returning unfinished jobs to the queue failed; they return when this worker \
              restarts or another worker finds its heartbeat expired: {}",
-            shared.scrub(&error_chain(&error))
+            scrub_secrets(&error_chain(&error), secrets)
         ),
     }
 
     if let Err(error) = queue.clear_heartbeat().await {
         warn!(
             "Deleting the heartbeat key failed: {}",
-            shared.scrub(&error_chain(&error))
+            scrub_secrets(&error_chain(&error), secrets)
         );
-    }
-}
-
-/// Refreshes the heartbeat, moves due retries back to the queue and returns jobs of dead
-/// workers, until `stop` changes.
-async fn maintain(mut queue: Queue, heartbeat: String, mut stop: watch::Receiver<bool>) {
-    let mut heartbeat_timer = interval(queue::HEARTBEAT_INTERVAL);
-    let mut retry_timer = interval(RETRY_POLL_INTERVAL);
-    let mut reclaim_timer = interval(RECLAIM_INTERVAL);
-    for timer in [&mut heartbeat_timer, &mut retry_timer, &mut reclaim_timer] {
-        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    }
-    // Start-up already did each of these once, so the immediate first ticks are skipped.
-    heartbeat_timer.reset();
-    reclaim_timer.reset();
-
-    let mut heartbeat_failures = FailureLog::new("Refreshing the heartbeat");
-    let mut retry_failures = FailureLog::new("Moving due retries to the queue");
-    let mut reclaim_failures = FailureLog::new("Returning jobs of dead workers");
-
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = heartbeat_timer.tick() => {
-                heartbeat_failures.record(queue.beat(&heartbeat).await);
-            }
-            _ = retry_timer.tick() => {
-                let promoted = queue.promote_due_retries(crate::unix_millis()).await;
-                if let Ok(count) = &promoted {
-                    if *count > 0 {
-                        info!("Moved {count} due retry job(s) back to the queue");
-                    }
-                }
-                retry_failures.record(promoted);
-            }
-            _ = reclaim_timer.tick() => {
-                let reclaimed = queue.reclaim_from_dead_workers().await;
-                if let Ok(reclaimed) = &reclaimed {
-                    log_reclaimed(reclaimed);
-                }
-                reclaim_failures.record(reclaimed);
-            }
-        }
-    }
-}
-
-fn log_reclaimed(reclaimed: &[(String, i64)]) {
-    for (instance, count) in reclaimed {
-        warn!(
-            dead_instance = %instance,
-            "Moved {count} in-flight job(s) of worker {instance} back to the queue because its heartbeat expired"
-        );
-    }
-}
-
-/// Logs a repeating background failure on its first occurrence and every
-/// [`FAILURE_LOG_EVERY`]-th after it, and logs the recovery.
-struct FailureLog {
-    action: &'static str,
-    consecutive: u32,
-}
-
-impl FailureLog {
-    fn new(action: &'static str) -> FailureLog {
-        FailureLog {
-            action,
-            consecutive: 0,
-        }
-    }
-
-    fn record<T>(&mut self, result: redis::RedisResult<T>) {
-        match result {
-            Ok(_) if self.consecutive > 0 => {
-                info!(
-                    "{} works again after {} failure(s)",
-                    self.action, self.consecutive
-                );
-                self.consecutive = 0;
-            }
-            Ok(_) => {}
-            Err(error) => {
-                self.consecutive += 1;
-                if self.consecutive % FAILURE_LOG_EVERY == 1 {
-                    warn!(
-                        "{} failed ({} in a row): {}",
-                        self.action,
-                        self.consecutive,
-                        error_chain(&error)
-                    );
-                }
-            }
-        }
     }
 }
 
@@ -702,71 +478,36 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Returns the instance name `<worker name>@<host name>` that keys the in-flight list and
-/// the heartbeat.
-pub fn instance_name(worker_name: &str, host_name: &str) -> String {
-    format!("{worker_name}@{host_name}")
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|name| name.trim().to_string())
-        .filter(|name| !name.is_empty())
-        .or_else(|| {
-            std::env::var("HOSTNAME")
-                .ok()
-                .filter(|name| !name.is_empty())
-        })
-        .unwrap_or_else(|| {
-            warn!("Host name unknown; using \"localhost\" in the instance name");
-            "localhost".to_string()
-        })
-}
-
-fn heartbeat_value(config: &Config) -> String {
-    json!({
-        "pid": std::process::id(),
-        "startedAt": crate::now_rfc3339(),
-        "concurrency": config.concurrency,
-        "version": env!("CARGO_PKG_VERSION"),
-    })
-    .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn instance_name_joins_worker_and_host() {
+    fn reconnect_delay_doubles_up_to_cap() {
+        let delays: Vec<u64> = (1..=5)
+            .map(|failures| reconnect_delay(failures).as_secs())
+            .collect();
+        assert_eq!(delays, vec![1, 2, 4, 5, 5]);
+        assert_eq!(reconnect_delay(u32::MAX), MAX_RECONNECT_DELAY);
+    }
+
+    #[test]
+    fn idle_slots_fetch_and_block() {
         assert_eq!(
-            instance_name("yametee-worker", "worker-1"),
-            "yametee-worker@worker-1"
+            choose_fetch(10, false, false, false),
+            Some(FetchMode::BatchOrBlock)
         );
     }
 
     #[test]
-    fn fetch_retry_delay_doubles_up_to_cap() {
-        let delays: Vec<u64> = (1..=5)
-            .map(|failures| fetch_retry_delay(failures).as_secs())
-            .collect();
-        assert_eq!(delays, vec![1, 2, 4, 5, 5]);
-        assert_eq!(fetch_retry_delay(u32::MAX), MAX_FETCH_RETRY_DELAY);
+    fn busy_slots_prefetch_only_from_deep_queue() {
+        assert_eq!(choose_fetch(10, false, true, true), Some(FetchMode::Batch));
+        assert_eq!(choose_fetch(10, false, true, false), None);
     }
 
     #[test]
-    fn failure_log_counts_and_resets() {
-        let mut log = FailureLog::new("Testing");
-        let failure = || -> redis::RedisResult<()> {
-            Err(redis::RedisError::from((redis::ErrorKind::IoError, "down")))
-        };
-
-        log.record(failure());
-        log.record(failure());
-        assert_eq!(log.consecutive, 2);
-
-        log.record(Ok(()));
-        assert_eq!(log.consecutive, 0);
+    fn waiting_jobs_or_no_room_mean_waiting() {
+        assert_eq!(choose_fetch(10, true, false, true), None);
+        assert_eq!(choose_fetch(0, false, false, true), None);
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::Value;
+use support::smtp::SmtpServer;
 use support::{
     find_server_programs, free_port, print_skip, wait_until, NotifySocket, PostgresServer,
     RedisServer, WorkerProcess,
@@ -243,28 +244,51 @@ async fn startup_failures_name_the_failing_server() {
     );
     assert_no_secret_in_output(&worker, &["wrong-db-secret"]);
 
-    let closed_redis = format!(
-        "redis://:{}@127.0.0.1:{}/0",
-        servers.redis.password,
-        free_port()
-    );
-    let mut worker = WorkerProcess::start(&worker_environment(
-        &servers,
-        &[("REDIS_URL", &closed_redis)],
-    ));
-    let status = worker.wait_for_exit(STEP_TIMEOUT).await;
-    let output = worker.output_text();
-    assert_ne!(status.code(), Some(0), "output:\n{output}");
-    assert!(
-        output.contains("Database connection successful"),
-        "{output}"
-    );
-    assert!(output.contains("Redis connection failed: "), "{output}");
-    assert!(!output.contains("ready and waiting for jobs"), "{output}");
     assert_no_secret_in_output(
         &worker,
         &[&servers.redis.password, support::DATABASE_PASSWORD],
     );
+}
+
+#[tokio::test]
+async fn startup_retries_redis_until_it_answers() {
+    let Some(servers) = start_servers("startup_retries_redis_until_it_answers").await else {
+        return;
+    };
+    let programs = find_server_programs().expect("found by start_servers");
+
+    let late_port = free_port();
+    let late_redis_url = format!(
+        "redis://:{}@127.0.0.1:{late_port}/0",
+        servers.redis.password
+    );
+    let mut worker = WorkerProcess::start(&worker_environment(
+        &servers,
+        &[("REDIS_URL", &late_redis_url)],
+    ));
+    worker
+        .wait_for_line("Redis connection failed (attempt 2)", STEP_TIMEOUT)
+        .await;
+    let output = worker.output_text();
+    assert!(
+        output.contains("Database connection successful"),
+        "{output}"
+    );
+    assert!(!output.contains("ready and waiting for jobs"), "{output}");
+
+    let late_dir = servers.dir.path().join("late-redis");
+    std::fs::create_dir(&late_dir).expect("creating the late Redis directory");
+    let _late_redis = RedisServer::start_on_port(&programs.redis_server, &late_dir, late_port);
+    worker.wait_for_line(STARTUP_LINES[4], STEP_TIMEOUT).await;
+    assert_startup_lines_in_order(&worker);
+    assert_no_secret_in_output(
+        &worker,
+        &[&servers.redis.password, support::DATABASE_PASSWORD],
+    );
+
+    worker.terminate();
+    let status = worker.wait_for_exit(STEP_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "output:\n{}", worker.output_text());
 }
 
 #[tokio::test]
@@ -289,9 +313,15 @@ async fn worker_processes_every_job_type() {
         .await
         .unwrap();
 
+    let relay = SmtpServer::start().await;
+    let relay_url = relay.url();
     let mut worker = WorkerProcess::start(&worker_environment(
         &servers,
-        &[("WORKER_CONCURRENCY", "2")],
+        &[
+            ("WORKER_CONCURRENCY", "2"),
+            ("SMTP_URL", &relay_url),
+            ("SMTP_FROM", "shop@example.com"),
+        ],
     ));
     worker.wait_for_line(STARTUP_LINES[4], STEP_TIMEOUT).await;
     assert_startup_lines_in_order(&worker);
@@ -303,21 +333,20 @@ async fn worker_processes_every_job_type() {
     );
 
     let migrations: i64 = database
-        .query_one(
-            "SELECT count(*) FROM schema_migrations WHERE version = 1",
-            &[],
-        )
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
         .await
         .expect("schema_migrations exists")
         .get(0);
-    assert_eq!(migrations, 1);
+    assert_eq!(migrations, 2);
 
     database
         .batch_execute(
             "INSERT INTO orders (id, status) VALUES
                  ('order-pending', 'pending'),
                  ('order-cancelled', 'cancelled'),
-                 ('order-slow', 'pending')",
+                 ('order-slow', 'pending'),
+                 ('order-unpaid', 'pending'),
+                 ('order-stored', 'pending')",
         )
         .await
         .expect("inserting test orders");
@@ -373,7 +402,26 @@ async fn worker_processes_every_job_type() {
         &job(
             "webhook-1",
             "webhook:process",
-            r#"{"source":"payments","event":"payment.succeeded","amount":1200}"#,
+            r#"{"source":"payments","event":"payment.succeeded","orderId":"order-unpaid","amount":1200}"#,
+        ),
+    )
+    .await;
+    let stored_event: i64 = database
+        .query_one(
+            "INSERT INTO webhook_events (source, event, payload)
+             VALUES ('payments', 'order.cancelled', '{\"orderId\": \"order-stored\"}')
+             RETURNING id",
+            &[],
+        )
+        .await
+        .expect("storing a webhook event")
+        .get(0);
+    push(
+        &mut redis,
+        &job(
+            "webhook-stored",
+            "webhook:process",
+            &format!(r#"{{"eventId":{stored_event}}}"#),
         ),
     )
     .await;
@@ -388,9 +436,15 @@ async fn worker_processes_every_job_type() {
     worker
         .wait_for_line("Order order-pending processed: processed", STEP_TIMEOUT)
         .await;
-    worker
-        .wait_for_line("Order test-order-123 processed: not_found", STEP_TIMEOUT)
-        .await;
+    let missing_order = wait_until("the dead letter of test-123", STEP_TIMEOUT, || {
+        let mut redis = redis.clone();
+        async move { dead_letter(&mut redis, |envelope| envelope["job"]["id"] == "test-123").await }
+    })
+    .await;
+    assert_eq!(
+        missing_order["reason"], "order test-order-123 does not exist",
+        "{missing_order}"
+    );
     worker
         .wait_for_line(
             "Order order-cancelled processed: skipped_cancelled",
@@ -415,31 +469,53 @@ async fn worker_processes_every_job_type() {
         .get(0);
     assert_eq!(cancelled, "cancelled");
 
-    // email:send queued the message in the outbox.
-    let outbox = wait_until("the outbox row of integration-test", STEP_TIMEOUT, || async move {
-        database
-            .query_opt(
-                "SELECT recipient, subject, status FROM email_outbox WHERE job_id = 'integration-test'",
-                &[],
-            )
-            .await
-            .unwrap()
-    })
+    // email:send delivered the message through the relay and recorded it in the outbox.
+    let outbox = wait_until(
+        "the sent outbox row of integration-test",
+        STEP_TIMEOUT,
+        || async move {
+            database
+                .query_opt(
+                    "SELECT recipient, subject, status, attempts, message_id, sent_at IS NOT NULL
+                 FROM email_outbox WHERE job_id = 'integration-test' AND status = 'sent'",
+                    &[],
+                )
+                .await
+                .unwrap()
+        },
+    )
     .await;
     assert_eq!(outbox.get::<_, String>(0), "test@example.com");
     assert_eq!(outbox.get::<_, String>(1), "Test");
-    assert_eq!(outbox.get::<_, String>(2), "queued");
+    assert_eq!(outbox.get::<_, i32>(3), 1);
+    let message_id: String = outbox.get(4);
+    assert!(outbox.get::<_, bool>(5));
+    let delivered = relay.messages();
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(delivered[0].from, "shop@example.com");
+    assert_eq!(delivered[0].to, vec!["test@example.com".to_string()]);
+    assert!(delivered[0].data.contains("Subject: Test"), "{delivered:?}");
+    assert!(delivered[0].data.contains("Test email"), "{delivered:?}");
+    assert!(
+        delivered[0].data.contains(&format!("<{message_id}>")),
+        "{delivered:?}"
+    );
 
-    // webhook:process recorded the delivery with its processing time.
-    let webhook = wait_until("the webhook_events row of webhook-1", STEP_TIMEOUT, || async move {
-        database
-            .query_opt(
-                "SELECT source, event, payload, processed_at IS NOT NULL FROM webhook_events WHERE job_id = 'webhook-1'",
-                &[],
-            )
-            .await
-            .unwrap()
-    })
+    // webhook:process applied the inline event and the stored one to their orders.
+    let webhook = wait_until(
+        "the webhook_events row of webhook-1",
+        STEP_TIMEOUT,
+        || async move {
+            database
+                .query_opt(
+                    "SELECT source, event, payload, result FROM webhook_events
+                 WHERE job_id = 'webhook-1' AND processed_at IS NOT NULL",
+                    &[],
+                )
+                .await
+                .unwrap()
+        },
+    )
     .await;
     assert_eq!(
         webhook.get::<_, Option<String>>(0).as_deref(),
@@ -450,7 +526,41 @@ async fn worker_processes_every_job_type() {
         Some("payment.succeeded")
     );
     assert_eq!(webhook.get::<_, Value>(2)["amount"], 1200);
-    assert!(webhook.get::<_, bool>(3));
+    assert_eq!(
+        webhook.get::<_, Option<String>>(3).as_deref(),
+        Some("order order-unpaid paid")
+    );
+    let stored = wait_until(
+        "the stored webhook event applied",
+        STEP_TIMEOUT,
+        || async move {
+            database
+                .query_opt(
+                    "SELECT job_id, result FROM webhook_events
+                 WHERE id = $1 AND processed_at IS NOT NULL",
+                    &[&stored_event],
+                )
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    assert_eq!(
+        stored.get::<_, Option<String>>(0).as_deref(),
+        Some("webhook-stored")
+    );
+    assert_eq!(
+        stored.get::<_, Option<String>>(1).as_deref(),
+        Some("order order-stored cancelled")
+    );
+    for (order, expected) in [("order-unpaid", "paid"), ("order-stored", "cancelled")] {
+        let status: String = database
+            .query_one("SELECT status FROM orders WHERE id = $1", &[&order])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(status, expected, "order {order}");
+    }
 
     // verify:probe wrote its result, and so did the jobs recovered from the dead worker
     // and from the retry set.
@@ -464,15 +574,20 @@ async fn worker_processes_every_job_type() {
         .await;
         let result: Value = serde_json::from_str(&result).expect("probe result is JSON");
         assert_eq!(result["worker"], instance.as_str());
-        let processed_at = result["processedAt"]
-            .as_str()
-            .expect("processedAt is a string");
+        let picked_up = result["pickedUpUs"]
+            .as_i64()
+            .expect("pickedUpUs is a number");
+        let finished = result["finishedUs"]
+            .as_i64()
+            .expect("finishedUs is a number");
+        let now_us = chrono::Utc::now().timestamp_micros();
         assert!(
-            chrono::DateTime::parse_from_rfc3339(processed_at).is_ok(),
-            "processedAt {processed_at:?}"
+            picked_up <= finished && finished <= now_us && now_us - picked_up < 60_000_000,
+            "{result}"
         );
+        assert_eq!(result.as_object().unwrap().len(), 3, "{result}");
         let ttl: i64 = redis.ttl(&key).await.unwrap();
-        assert!((3500..=3600).contains(&ttl), "probe key TTL {ttl}");
+        assert!((500..=600).contains(&ttl), "probe key TTL {ttl}");
     }
     worker
         .wait_for_line("in-flight job(s) of worker ghost@gone-host", STEP_TIMEOUT)
@@ -540,7 +655,8 @@ async fn worker_processes_every_job_type() {
     .await;
     let counts: Value = serde_json::from_str(&counts).unwrap();
     assert_eq!(counts["value"]["processed"], 1, "{counts}");
-    assert_eq!(counts["value"]["cancelled"], 1, "{counts}");
+    assert_eq!(counts["value"]["cancelled"], 2, "{counts}");
+    assert_eq!(counts["value"]["paid"], 1, "{counts}");
     assert_eq!(counts["value"]["pending"], 1, "{counts}");
     let ttl: i64 = redis.ttl(&counts_key).await.unwrap();
     assert!((1..=300).contains(&ttl), "cache TTL {ttl}");
@@ -549,7 +665,7 @@ async fn worker_processes_every_job_type() {
         .await
         .unwrap();
     let summary: Value = serde_json::from_str(&summary).unwrap();
-    assert_eq!(summary["value"]["totalOrders"], 3, "{summary}");
+    assert_eq!(summary["value"]["totalOrders"], 5, "{summary}");
     assert_eq!(summary["value"]["processedOrders"], 1, "{summary}");
 
     // A job delivered again applies nothing twice.
@@ -601,9 +717,24 @@ async fn worker_processes_every_job_type() {
             .contains("email_outbox"),
         "{retried}"
     );
-    assert!(worker
-        .output_text()
-        .contains("Job email-retry failed (attempt 1 of 5), retrying in 10 s"));
+    let output = worker.output_text();
+    let retry_line = output
+        .lines()
+        .find(|line| line.contains("Job email-retry failed (attempt 1 of 5), retrying in "))
+        .unwrap_or_else(|| panic!("no retry line for email-retry:\n{output}"));
+    assert!(
+        [
+            "retrying in 5 s",
+            "retrying in 6 s",
+            "retrying in 7 s",
+            "retrying in 8 s",
+            "retrying in 9 s",
+            "retrying in 10 s"
+        ]
+        .iter()
+        .any(|delay| retry_line.contains(delay)),
+        "the first retry waits 5 to 10 s: {retry_line}"
+    );
 
     database
         .batch_execute("ALTER TABLE email_outbox_hidden RENAME TO email_outbox")
@@ -641,8 +772,21 @@ async fn worker_processes_every_job_type() {
     })
     .await;
 
+    // Counters: three probes and the orders completed; the rejected jobs, the missing
+    // order and the first email-retry attempt failed.
+    let counter = |key: &'static str| {
+        let mut redis = redis.clone();
+        async move { redis.get::<_, Option<i64>>(key).await.unwrap().unwrap_or(0) }
+    };
+    assert_eq!(counter("yametee:stats:processed:verify:probe").await, 3);
+    assert_eq!(counter("yametee:stats:processed:email:send").await, 2);
+    assert!(counter("yametee:stats:processed").await >= 10);
+    assert_eq!(counter("yametee:stats:failed:order:process").await, 1);
+    assert_eq!(counter("yametee:stats:failed:email:send").await, 2);
+    assert_eq!(counter("yametee:stats:failed").await, 5);
+
     let heartbeat_ttl: i64 = redis
-        .ttl(format!("{QUEUE}:worker:{instance}"))
+        .ttl(format!("yametee:workers:{instance}"))
         .await
         .unwrap();
     assert!(
@@ -703,7 +847,7 @@ async fn worker_processes_every_job_type() {
         .await;
 
     let heartbeat_exists: bool = redis
-        .exists(format!("{QUEUE}:worker:{instance}"))
+        .exists(format!("yametee:workers:{instance}"))
         .await
         .unwrap();
     assert!(!heartbeat_exists, "heartbeat key left after shutdown");
@@ -831,12 +975,12 @@ async fn worker_resumes_after_redis_restart() {
     servers.redis.restart(Duration::from_secs(1));
     worker
         .wait_for_line(
-            "Fetching a job from Redis failed (attempt 1 of 12)",
+            "Redis connection failed while fetching jobs (attempt 1 of 12)",
             STEP_TIMEOUT,
         )
         .await;
     worker
-        .wait_for_line("Fetching jobs from Redis works again", STEP_TIMEOUT)
+        .wait_for_line("Redis connection re-established", STEP_TIMEOUT)
         .await;
 
     let mut redis = redis_connection(&servers).await;
@@ -853,7 +997,7 @@ async fn worker_resumes_after_redis_restart() {
     .await;
 
     // The heartbeat key, lost with the old server's data, is written again.
-    let heartbeat_key = format!("{QUEUE}:worker:yametee-worker@{}", host_name());
+    let heartbeat_key = format!("yametee:workers:yametee-worker@{}", host_name());
     wait_until(
         "the heartbeat key after the Redis restart",
         STEP_TIMEOUT,

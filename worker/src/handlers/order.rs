@@ -12,11 +12,12 @@ const PROCESSABLE: [&str; 2] = ["pending", "paid"];
 const PROCESSED: &str = "processed";
 
 /// Processes one order and logs "Order <id> processed: <result>", where the result is
-/// `processed`, `already_processed`, `not_found`, or `skipped_<status>` for an order in a
-/// status that is not processed (a cancelled order, say).
+/// `processed`, `already_processed`, or `skipped_<status>` for an order in a status that
+/// is not processed (a cancelled order, say).
 ///
-/// An unknown order completes the job without a retry: the web platform sends the job
-/// after it created the order, so a missing order will not appear later.
+/// An unknown order is a permanent failure, so the job goes to the dead letter list
+/// without retries: the web platform sends the job after it created the order, so a
+/// missing order will not appear later.
 pub async fn process_order(
     client: &mut Client,
     job: &Job,
@@ -38,7 +39,12 @@ pub async fn process_order(
         .map(|row| row.get::<_, String>(0));
 
     let result = match current.as_deref() {
-        None => "not_found".to_string(),
+        // Returning drops the transaction, which rolls back the processed_jobs row.
+        None => {
+            return Err(JobError::Permanent(format!(
+                "order {order_id} does not exist"
+            )))
+        }
         Some(PROCESSED) => "already_processed".to_string(),
         Some(status) if PROCESSABLE.contains(&status) => {
             transaction

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod smtp;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -154,7 +156,10 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start(program: &Path, dir: &Path) -> RedisServer {
-        let port = free_port();
+        RedisServer::start_on_port(program, dir, free_port())
+    }
+
+    pub fn start_on_port(program: &Path, dir: &Path, port: u16) -> RedisServer {
         let password = "redis-test-secret".to_string();
         let child = spawn_redis(program, dir, port, &password);
         let server = RedisServer {
@@ -209,6 +214,7 @@ impl Drop for RedisServer {
 pub struct PostgresServer {
     bin: PathBuf,
     data_dir: PathBuf,
+    server_options: String,
     pub port: u16,
     pub superuser_password: String,
 }
@@ -259,22 +265,39 @@ impl PostgresServer {
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=40 -c shared_buffers=16MB",
             socket_dir.display()
         );
-        let mut pg_ctl = postgres_command(&bin.join("pg_ctl"));
-        pg_ctl
-            .arg("-D")
-            .arg(&data_dir)
-            .arg("-l")
-            .arg(data_dir.join("server.log"))
-            .args(["-o", &server_options, "-w", "-t", "30", "start"]);
         let server = PostgresServer {
             bin: bin.to_path_buf(),
             data_dir,
+            server_options,
             port,
             superuser_password,
         };
-        run_checked(pg_ctl, "pg_ctl start");
-        wait_for_port(port, "PostgreSQL");
+        server.start_again();
         server
+    }
+
+    /// Starts the cluster's server, after [`PostgresServer::stop`] or for the first time.
+    pub fn start_again(&self) {
+        let mut pg_ctl = postgres_command(&self.bin.join("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.join("server.log"))
+            .args(["-o", &self.server_options, "-w", "-t", "30", "start"]);
+        run_checked(pg_ctl, "pg_ctl start");
+        wait_for_port(self.port, "PostgreSQL");
+    }
+
+    /// Stops the server, closing every connection, and keeps the data for
+    /// [`PostgresServer::start_again`].
+    pub fn stop(&self) {
+        let mut pg_ctl = postgres_command(&self.bin.join("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "-w", "-t", "30", "stop"]);
+        run_checked(pg_ctl, "pg_ctl stop");
     }
 
     /// Returns the URL of the worker's database as the deploy tool writes it.
@@ -418,6 +441,12 @@ impl WorkerProcess {
             "no worker output line contains {text:?} within {timeout:?}; output:\n{}",
             self.output_text()
         );
+    }
+
+    /// Sends SIGKILL, as a crash or the OOM killer would.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM, as systemd does on stop.
