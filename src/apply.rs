@@ -62,6 +62,8 @@ pub struct HostReport {
     pub restarted: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Milliseconds from the start of the run until this host was done.
+    pub duration_ms: u64,
 }
 
 /// Applies `plan` on the host behind `remote`, then makes sure PostgreSQL's role and database
@@ -86,50 +88,69 @@ pub async fn apply_host(
         record_pending_restarts(remote, &restarts).await?;
     }
 
-    let mut applied: Vec<&Step> = Vec::new();
-    for step in &plan.steps {
-        tracing::info!(host = %remote.host(), "{}", describe(step));
-        let result = run_step(remote, step, inventory, worker).await;
-        match result {
-            Ok(()) => {
-                applied.push(step);
-                report.changes.push(step.change());
-                if let Step::Restart(unit) = step {
-                    report.restarted.push(unit.clone());
-                }
-            }
-            Err(ApplyError::NotReady {
+    // ufw is a Python program started once per rule, so synchronising the firewall is slow;
+    // it touches nothing the other steps use, so it runs beside them.
+    let (firewall, others): (Vec<&Step>, Vec<&Step>) = plan
+        .steps
+        .iter()
+        .partition(|step| step.change().kind == "firewall");
+    let (firewall, others) = tokio::join!(
+        run_steps(remote, &firewall, inventory, worker),
+        run_steps(remote, &others, inventory, worker),
+    );
+
+    let mut done: Vec<&Step> = firewall.done.iter().chain(&others.done).copied().collect();
+    done.sort_by_key(|step| {
+        plan.steps
+            .iter()
+            .position(|planned| std::ptr::eq(planned, *step))
+    });
+    for step in &done {
+        report.changes.push(step.change());
+        if let Step::Restart(unit) = step {
+            report.restarted.push(unit.clone());
+        }
+    }
+
+    match others.failure {
+        Some((
+            step,
+            ApplyError::NotReady {
                 host,
                 unit,
                 journal,
-            }) if unit == worker_paths::UNIT => {
-                report.changes.push(step.change());
-                let rolled_back = roll_back_worker(remote, &applied, report).await?;
-                if rolled_back {
-                    // The previous release runs again, so the worker's restart is no longer
-                    // owed; restarts not reached yet stay recorded for the next apply.
-                    let owed: Vec<&str> = restarts
-                        .iter()
-                        .copied()
-                        .filter(|unit| {
-                            *unit != worker_paths::UNIT
-                                && !report.restarted.iter().any(|done| done == unit)
-                        })
-                        .collect();
-                    if owed.is_empty() {
-                        clear_pending_restarts(remote).await?;
-                    } else {
-                        record_pending_restarts(remote, &owed).await?;
-                    }
+            },
+        )) if unit == worker_paths::UNIT => {
+            report.changes.push(step.change());
+            let rolled_back = roll_back_worker(remote, &others.done, report).await?;
+            if rolled_back {
+                // The previous release runs again, so the worker's restart is no longer owed;
+                // restarts not reached yet stay recorded for the next apply.
+                let owed: Vec<&str> = restarts
+                    .iter()
+                    .copied()
+                    .filter(|unit| {
+                        *unit != worker_paths::UNIT
+                            && !report.restarted.iter().any(|done| done == unit)
+                    })
+                    .collect();
+                if owed.is_empty() {
+                    clear_pending_restarts(remote).await?;
+                } else {
+                    record_pending_restarts(remote, &owed).await?;
                 }
-                return Err(ApplyError::NotReady {
-                    host,
-                    unit,
-                    journal,
-                });
             }
-            Err(error) => return Err(error),
+            return Err(ApplyError::NotReady {
+                host,
+                unit,
+                journal,
+            });
         }
+        Some((_, error)) => return Err(error),
+        None => {}
+    }
+    if let Some((_, error)) = firewall.failure {
+        return Err(error);
     }
 
     // The check ran while planning; it runs again only when something may have changed it.
@@ -142,6 +163,36 @@ pub async fn apply_host(
         clear_pending_restarts(remote).await?;
     }
     Ok(())
+}
+
+/// The steps of one sequence that ran, and the step that failed with its error.
+struct StepsRun<'a> {
+    done: Vec<&'a Step>,
+    failure: Option<(&'a Step, ApplyError)>,
+}
+
+/// Runs `steps` in order and stops at the first that fails.
+async fn run_steps<'a>(
+    remote: &Remote,
+    steps: &[&'a Step],
+    inventory: &Inventory,
+    worker: Option<&WorkerBinary>,
+) -> StepsRun<'a> {
+    let mut run = StepsRun {
+        done: Vec::new(),
+        failure: None,
+    };
+    for step in steps {
+        tracing::info!(host = %remote.host(), "{}", describe(step));
+        match run_step(remote, step, inventory, worker).await {
+            Ok(()) => run.done.push(step),
+            Err(error) => {
+                run.failure = Some((step, error));
+                break;
+            }
+        }
+    }
+    run
 }
 
 /// Describes a step in one line for progress output.

@@ -50,6 +50,11 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value = "human")]
     pub format: Format,
 
+    /// Most hosts worked on at once; the hosts of one tier run in parallel up to this bound.
+    #[arg(long, global = true, default_value_t = crate::deploy::DEFAULT_PARALLEL_HOSTS as u16,
+          value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: u16,
+
     /// Worker binary to install on worker hosts [default: yametee-worker next to this program].
     #[arg(
         long,
@@ -280,6 +285,7 @@ fn deployment(
         worker,
         renderer: Renderer::new(),
         targets,
+        parallel: usize::from(cli.parallel),
     })
 }
 

@@ -18,8 +18,8 @@ use crate::render::Renderer;
 use crate::secrets::Secrets;
 use crate::ssh::{Destination, Remote, SshOverrides};
 
-/// Most hosts worked on at once.
-pub const MAX_PARALLEL_HOSTS: usize = 8;
+/// Most hosts worked on at once unless `--parallel` says otherwise.
+pub const DEFAULT_PARALLEL_HOSTS: usize = 8;
 
 /// A host's open connection and plan, or why they could not be had.
 type Prepared = Result<(Remote, HostPlan), String>;
@@ -33,6 +33,8 @@ pub struct Deployment {
     pub renderer: Renderer,
     /// Names of the hosts this run works on (`--limit`); the others are only rendered from.
     pub targets: Vec<String>,
+    /// Most hosts worked on at once (`--parallel`).
+    pub parallel: usize,
 }
 
 /// The plan of one host, as shown by `plan`.
@@ -102,7 +104,7 @@ impl Deployment {
 
     /// Plans every host without changing anything.
     pub async fn plan(&self) -> Vec<HostPlanReport> {
-        let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
+        let limit = Arc::new(Semaphore::new(self.parallel));
         let reports = self.target_hosts().map(|host| {
             let limit = limit.clone();
             async move {
@@ -141,10 +143,11 @@ impl Deployment {
 
     /// Applies every host, tier by tier.
     pub async fn apply(&self) -> Vec<HostReport> {
+        let started = std::time::Instant::now();
         // Every host is connected to and planned at once: the SSH handshakes and the reading
         // of each host's state are most of a run's fixed cost, and a later tier's plan does not
         // depend on what an earlier tier's apply changes on other hosts.
-        let limit = Arc::new(Semaphore::new(MAX_PARALLEL_HOSTS));
+        let limit = Arc::new(Semaphore::new(self.parallel));
         let prepared = join_all(self.target_hosts().map(|host| {
             let limit = limit.clone();
             async move {
@@ -190,7 +193,8 @@ impl Deployment {
                 }
             }))
             .await;
-            for report in tier_reports {
+            for mut report in tier_reports {
+                report.duration_ms = started.elapsed().as_millis() as u64;
                 if !report.outcome.is_success() {
                     failed.push(report.name.clone());
                 }
@@ -273,6 +277,7 @@ fn empty_report(host: &Host) -> HostReport {
         changes: Vec::new(),
         restarted: Vec::new(),
         error: None,
+        duration_ms: 0,
     }
 }
 

@@ -101,8 +101,8 @@ pub fn apply(reports: &[HostReport], format: Format) -> String {
             let mut text = String::new();
             let _ = writeln!(
                 text,
-                "{:<12} {:<16} {:<12} {:>7}  RESTARTED",
-                "HOST", "ROLES", "OUTCOME", "CHANGES"
+                "{:<12} {:<16} {:<12} {:>7} {:>8}  RESTARTED",
+                "HOST", "ROLES", "OUTCOME", "CHANGES", "TIME"
             );
             for report in reports {
                 let restarted = if report.restarted.is_empty() {
@@ -112,11 +112,12 @@ pub fn apply(reports: &[HostReport], format: Format) -> String {
                 };
                 let _ = writeln!(
                     text,
-                    "{:<12} {:<16} {:<12} {:>7}  {restarted}",
+                    "{:<12} {:<16} {:<12} {:>7} {:>6.1} s  {restarted}",
                     report.name,
                     report.roles.join(","),
                     outcome_name(report.outcome),
-                    report.changes.len()
+                    report.changes.len(),
+                    report.duration_ms as f64 / 1000.0
                 );
             }
             for report in reports {
