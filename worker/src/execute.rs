@@ -62,7 +62,9 @@ pub async fn run_job(
         mailer: shared.mailer.as_ref(),
         picked_up_unix_us: fetched.picked_up_unix_us,
     };
-    let result = timeout(JOB_TIMEOUT, handlers::handle(&job, context))
+    // Boxed because the handlers' futures are large, and each spawned job task would
+    // otherwise copy all of them, though a probe job runs none.
+    let result = timeout(JOB_TIMEOUT, Box::pin(handlers::handle(&job, context)))
         .await
         .unwrap_or(Err(JobError::TimedOut(JOB_TIMEOUT)));
     if matches!(result, Err(JobError::TimedOut(_))) {
@@ -240,3 +242,4 @@ where
         }
     }
 }
+
