@@ -153,6 +153,14 @@ pub async fn apply_host(
         return Err(error);
     }
 
+    let installed_release = plan
+        .steps
+        .iter()
+        .any(|step| matches!(step, Step::InstallRelease { .. }));
+    if installed_release {
+        prune_releases(remote).await?;
+    }
+
     // The check ran while planning; it runs again only when something may have changed it.
     if inventory.postgres_host().name == remote.host() && !plan.is_empty() {
         let changes = crate::postgres::ensure_access(remote, inventory, secrets, false).await?;
@@ -416,6 +424,35 @@ mv -Tf -- "$2.tmp" "$2""#;
         &format!("switch {} to {directory}", worker_paths::CURRENT_LINK),
         switch,
         &[directory, worker_paths::CURRENT_LINK],
+    )
+    .as_root();
+    remote.run(&command).await?;
+    Ok(())
+}
+
+/// Releases kept on a worker host besides the current one, newest first, so that a rollback
+/// has somewhere to go.
+const KEPT_PREVIOUS_RELEASES: usize = 2;
+
+/// Deletes the oldest release directories, never the current one.
+async fn prune_releases(remote: &Remote) -> Result<(), SshError> {
+    let script = r#"set -e
+cd -- "$1"
+current=$(basename -- "$(readlink -- "$2")")
+ls -1t | while read -r release; do
+  [ "$release" = "$current" ] && continue
+  kept=$((${kept:-0} + 1))
+  [ "$kept" -le "$3" ] || rm -rf -- "./$release"
+done"#;
+    let keep = KEPT_PREVIOUS_RELEASES.to_string();
+    let command = RemoteCommand::script(
+        "delete old worker releases",
+        script,
+        &[
+            worker_paths::RELEASES_DIR,
+            worker_paths::CURRENT_LINK,
+            &keep,
+        ],
     )
     .as_root();
     remote.run(&command).await?;

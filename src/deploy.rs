@@ -98,6 +98,20 @@ impl Deployment {
             ));
         }
         let mut plan = plan::plan_host(&desired, &facts, worker);
+        let uploads = plan
+            .steps
+            .iter()
+            .any(|step| matches!(step, plan::Step::InstallRelease { .. }));
+        if let (true, Some(worker), Some(available)) = (uploads, worker, facts.disk_available) {
+            if available < worker.space_needed() {
+                return Err(format!(
+                    "host {} has {} MiB free on /opt; the worker release needs {} MiB",
+                    host.name,
+                    available >> 20,
+                    worker.space_needed() >> 20
+                ));
+            }
+        }
         plan.database_changes = database_changes.map_err(|error| error_chain(&error))?;
         Ok(plan)
     }

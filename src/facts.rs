@@ -55,6 +55,8 @@ pub struct HostFacts {
     pub worker_release: Option<String>,
     pub pending_restarts: BTreeSet<String>,
     pub platform: Platform,
+    /// Bytes free on the file system of /opt, where worker releases go.
+    pub disk_available: Option<u64>,
 }
 
 /// Reads everything `plan` compares against `desired`, in one remote script: one session
@@ -140,6 +142,7 @@ printf 'ufw-added\t'; base64 -w0 < "$scratch/added"; printf '\n'
 printf 'machine\t%s\n' "$(uname -m)"
 printf 'glibc\t%s\n' "$(getconf GNU_LIBC_VERSION 2>/dev/null)"
 printf 'release\t%s\n' "$(readlink -- "$1" 2>/dev/null)"
+printf 'disk\t%s\n' "$(df -P -B1 /opt 2>/dev/null | awk 'NR == 2 { print $4 }')"
 "#;
 
 fn decode_base64(text: &str) -> Result<String, String> {
@@ -192,6 +195,7 @@ fn parse_gathered(output: &str, desired: &DesiredHost) -> Result<HostFacts, Stri
             ["glibc", text] => {
                 facts.platform.glibc = text.trim().strip_prefix("glibc ").map(String::from)
             }
+            ["disk", available] => facts.disk_available = available.trim().parse().ok(),
             ["release", target] => {
                 facts.worker_release = target
                     .rsplit('/')

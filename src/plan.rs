@@ -22,6 +22,7 @@ pub struct WorkerBinary {
     pub machine: String,
     /// Highest glibc symbol version the binary needs, such as (2, 34).
     pub min_glibc: Option<(u32, u32)>,
+    pub size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +55,13 @@ impl WorkerBinary {
             sha256,
             machine: machine.to_string(),
             min_glibc: max_glibc_version(&bytes),
+            size: bytes.len() as u64,
         })
+    }
+
+    /// Bytes a release upload needs free: the binary and its temporary copy, plus a margin.
+    pub fn space_needed(&self) -> u64 {
+        2 * self.size + 64 * 1024 * 1024
     }
 
     /// Why `platform` cannot run this binary, if it cannot.
@@ -586,6 +593,7 @@ mod tests {
             release: "0".repeat(16),
             machine: "x86_64".into(),
             min_glibc: Some((2, 34)),
+            size: 8 << 20,
         };
         let old = crate::facts::Platform {
             machine: "x86_64".into(),
