@@ -13,13 +13,12 @@ use redis::AsyncCommands;
 use serde_json::Value;
 use support::smtp::SmtpServer;
 use support::{
-    find_server_programs, free_port, print_skip, wait_until, NotifySocket, PostgresServer,
-    RedisServer, WorkerProcess,
+    dead_letter, find_server_programs, free_port, host_name, job, push, redis_connection,
+    start_servers, wait_until, worker_environment, NotifySocket, RedisServer, WorkerProcess, QUEUE,
 };
 
 /// Maximum wait for any single thing the worker is expected to do.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
-const QUEUE: &str = "yametee:jobs";
 const STARTUP_LINES: [&str; 5] = [
     "Environment validation passed",
     "Database connection successful",
@@ -27,87 +26,6 @@ const STARTUP_LINES: [&str; 5] = [
     "Worker yametee-worker started",
     "Worker yametee-worker ready and waiting for jobs",
 ];
-
-struct Servers {
-    redis: RedisServer,
-    postgres: PostgresServer,
-    // Dropped last, after both servers have stopped.
-    dir: tempfile::TempDir,
-}
-
-/// Starts both servers, or prints the SKIP banner and returns `None` when they are not
-/// installed.
-async fn start_servers(test: &str) -> Option<Servers> {
-    let programs = match find_server_programs() {
-        Ok(programs) => programs,
-        Err(missing) => {
-            print_skip(test, &missing);
-            return None;
-        }
-    };
-
-    let dir = tempfile::tempdir().expect("creating a temporary directory");
-    let redis = RedisServer::start(&programs.redis_server, dir.path());
-    let postgres = PostgresServer::start(&programs.postgres_bin, dir.path());
-    postgres.create_worker_database().await;
-    Some(Servers {
-        redis,
-        postgres,
-        dir,
-    })
-}
-
-fn worker_environment(
-    servers: &Servers,
-    overrides: &[(&'static str, &str)],
-) -> Vec<(&'static str, String)> {
-    let mut environment = vec![
-        ("DATABASE_URL", servers.postgres.url()),
-        ("REDIS_URL", servers.redis.url()),
-    ];
-    for (name, value) in overrides {
-        environment.retain(|(existing, _)| existing != name);
-        environment.push((name, value.to_string()));
-    }
-    environment
-}
-
-async fn redis_connection(servers: &Servers) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(servers.redis.url())
-        .expect("parsing the Redis URL")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connecting to Redis for the test")
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .expect("reading the host name")
-        .trim()
-        .to_string()
-}
-
-fn job(id: &str, job_type: &str, data: &str) -> String {
-    format!(
-        r#"{{"id":"{id}","type":"{job_type}","data":{data},"createdAt":"2025-01-01T00:00:00.000Z"}}"#
-    )
-}
-
-async fn push(redis: &mut redis::aio::MultiplexedConnection, raw: &str) {
-    let _: i64 = redis.rpush(QUEUE, raw).await.expect("RPUSH a job");
-}
-
-/// Returns the first dead letter envelope for which `matches` is true.
-async fn dead_letter(
-    redis: &mut redis::aio::MultiplexedConnection,
-    matches: impl Fn(&Value) -> bool,
-) -> Option<Value> {
-    let entries: Vec<String> = redis.lrange(format!("{QUEUE}:dead"), 0, -1).await.ok()?;
-    entries
-        .iter()
-        .filter_map(|entry| serde_json::from_str::<Value>(entry).ok())
-        .find(|envelope| matches(envelope))
-}
 
 fn assert_startup_lines_in_order(worker: &WorkerProcess) {
     let output = worker.output();

@@ -18,10 +18,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use redis::AsyncCommands;
+use serde_json::Value;
+
 /// Maximum wait for a server to accept connections.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between two checks of a condition being waited for.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Queue list the worker uses by default, and the tests too.
+pub const QUEUE: &str = "yametee:jobs";
 
 pub const INSTALL_HINT: &str = "apt-get install redis-server postgresql";
 
@@ -548,4 +554,85 @@ where
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+pub struct Servers {
+    pub redis: RedisServer,
+    pub postgres: PostgresServer,
+    // Dropped last, after both servers have stopped.
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts both servers, or prints the SKIP banner and returns `None` when they are not
+/// installed.
+pub async fn start_servers(test: &str) -> Option<Servers> {
+    let programs = match find_server_programs() {
+        Ok(programs) => programs,
+        Err(missing) => {
+            print_skip(test, &missing);
+            return None;
+        }
+    };
+
+    let dir = tempfile::tempdir().expect("creating a temporary directory");
+    let redis = RedisServer::start(&programs.redis_server, dir.path());
+    let postgres = PostgresServer::start(&programs.postgres_bin, dir.path());
+    postgres.create_worker_database().await;
+    Some(Servers {
+        redis,
+        postgres,
+        dir,
+    })
+}
+
+pub fn worker_environment(
+    servers: &Servers,
+    overrides: &[(&'static str, &str)],
+) -> Vec<(&'static str, String)> {
+    let mut environment = vec![
+        ("DATABASE_URL", servers.postgres.url()),
+        ("REDIS_URL", servers.redis.url()),
+    ];
+    for (name, value) in overrides {
+        environment.retain(|(existing, _)| existing != name);
+        environment.push((name, value.to_string()));
+    }
+    environment
+}
+
+pub async fn redis_connection(servers: &Servers) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(servers.redis.url())
+        .expect("parsing the Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connecting to Redis for the test")
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("reading the host name")
+        .trim()
+        .to_string()
+}
+
+pub fn job(id: &str, job_type: &str, data: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","type":"{job_type}","data":{data},"createdAt":"2025-01-01T00:00:00.000Z"}}"#
+    )
+}
+
+pub async fn push(redis: &mut redis::aio::MultiplexedConnection, raw: &str) {
+    let _: i64 = redis.rpush(QUEUE, raw).await.expect("RPUSH a job");
+}
+
+/// Returns the first dead letter envelope for which `matches` is true.
+pub async fn dead_letter(
+    redis: &mut redis::aio::MultiplexedConnection,
+    matches: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let entries: Vec<String> = redis.lrange(format!("{QUEUE}:dead"), 0, -1).await.ok()?;
+    entries
+        .iter()
+        .filter_map(|entry| serde_json::from_str::<Value>(entry).ok())
+        .find(|envelope| matches(envelope))
 }
