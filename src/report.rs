@@ -77,11 +77,19 @@ pub fn plan(reports: &[HostPlanReport], format: Format) -> String {
                 .iter()
                 .filter(|report| !report.changes.is_empty())
                 .count();
-            let _ = writeln!(
+            let failed = reports
+                .iter()
+                .filter(|report| report.error.is_some())
+                .count();
+            let _ = write!(
                 text,
                 "{changed} of {} hosts have changes pending",
                 reports.len()
             );
+            let _ = match failed {
+                0 => writeln!(text),
+                _ => writeln!(text, "; {failed} could not be planned"),
+            };
             text
         }
     }

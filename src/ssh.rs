@@ -173,6 +173,20 @@ pub enum SshError {
         #[source]
         source: openssh::Error,
     },
+    #[error("host key of {host} ({address}) does not match {}: the host sent {}; if the host was \
+             reinstalled, remove the old key with `ssh-keygen -f {} -R {address}` and add the \
+             new one", changed.offending, changed.fingerprint, changed.known_hosts)]
+    HostKeyChanged {
+        host: String,
+        address: String,
+        changed: HostKeyChange,
+    },
+    #[error(
+        "host key of {host} ({address}) is not in the known_hosts file and strict checking \
+             is on; add it (for example with `ssh-keyscan {address}`, after checking its \
+             fingerprint) to the known_hosts file"
+    )]
+    HostKeyUnknown { host: String, address: String },
     #[error("connecting to host {host} ({destination}) timed out after {secs} s")]
     ConnectTimeout {
         host: String,
@@ -208,6 +222,51 @@ pub enum SshError {
         user: String,
         command: String,
     },
+}
+
+/// What ssh reported about a host key that differs from the pinned one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKeyChange {
+    /// The key the host sent, such as `ED25519 key SHA256:…`.
+    pub fingerprint: String,
+    /// Where the pinned key is, such as `/path/known_hosts:4`.
+    pub offending: String,
+    pub known_hosts: String,
+}
+
+impl HostKeyChange {
+    /// Reads ssh's "REMOTE HOST IDENTIFICATION HAS CHANGED" warning.
+    fn parse(text: &str) -> Option<HostKeyChange> {
+        if !text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+            return None;
+        }
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let key_type = lines
+            .iter()
+            .find_map(|line| line.strip_prefix("The fingerprint for the "))
+            .and_then(|rest| rest.split(" key sent").next())
+            .unwrap_or("host");
+        let fingerprint = lines
+            .iter()
+            .find(|line| line.starts_with("SHA256:"))
+            .map(|line| line.trim_end_matches('.'))
+            .unwrap_or("an unknown key");
+        let offending = lines
+            .iter()
+            .find_map(|line| line.strip_prefix("Offending "))
+            .and_then(|rest| rest.split_once(" key in "))
+            .map(|(_, place)| place.to_string())
+            .unwrap_or_else(|| "the known_hosts file".into());
+        let known_hosts = offending
+            .rsplit_once(':')
+            .map_or(offending.as_str(), |(path, _)| path)
+            .to_string();
+        Some(HostKeyChange {
+            fingerprint: format!("{key_type} key {fingerprint}"),
+            offending,
+            known_hosts,
+        })
+    }
 }
 
 /// Connection settings resolved for one host, after `--lab` overrides.
@@ -294,11 +353,25 @@ impl Remote {
         let session = match connected {
             Ok(Ok(session)) => session,
             Ok(Err(source)) => {
+                let text = error_text(&source);
+                if let Some(changed) = HostKeyChange::parse(&text) {
+                    return Err(SshError::HostKeyChanged {
+                        host: destination.host.clone(),
+                        address: destination.address.clone(),
+                        changed,
+                    });
+                }
+                if text.contains("Host key verification failed") {
+                    return Err(SshError::HostKeyUnknown {
+                        host: destination.host.clone(),
+                        address: destination.address.clone(),
+                    });
+                }
                 return Err(SshError::Connect {
                     host: destination.host.clone(),
                     destination: target,
                     source,
-                })
+                });
             }
             Err(_) => {
                 return Err(SshError::ConnectTimeout {
@@ -439,14 +512,20 @@ fn describe_status(status: Option<i32>) -> String {
     }
 }
 
-fn is_session_refused(error: &openssh::Error) -> bool {
+/// The message of `error` and of every cause under it, one after another.
+fn error_text(error: &openssh::Error) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
+        text.push('\n');
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text.contains("Session open refused")
+    text
+}
+
+fn is_session_refused(error: &openssh::Error) -> bool {
+    error_text(error).contains("Session open refused")
 }
 
 fn is_sudo_password_prompt(stderr: &str) -> bool {
@@ -526,6 +605,20 @@ mod tests {
             r#"sh -c 'cat -- "$1"' sh '/tmp/a b'"#
         );
         assert_eq!(command.summary(), "read a file");
+    }
+
+    #[test]
+    fn host_key_change_is_read_from_ssh_warning() {
+        let text = "failed to connect: @@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n\
+                    The fingerprint for the ED25519 key sent by the remote host is\n\
+                    SHA256:xsQXaBRuwCk.\n\
+                    Offending ED25519 key in /var/lab/known_hosts:4\n\
+                    Host key verification failed.";
+        let change = HostKeyChange::parse(text).expect("recognised");
+        assert_eq!(change.fingerprint, "ED25519 key SHA256:xsQXaBRuwCk");
+        assert_eq!(change.offending, "/var/lab/known_hosts:4");
+        assert_eq!(change.known_hosts, "/var/lab/known_hosts");
+        assert_eq!(HostKeyChange::parse("Connection refused"), None);
     }
 
     #[test]

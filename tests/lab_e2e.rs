@@ -49,14 +49,27 @@ fn deploy(args: &[&str]) -> Output {
 }
 
 fn deploy_worker(worker: &Path, args: &[&str]) -> Output {
-    let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory.yaml");
-    let output = Command::new(deploy_binary())
+    deploy_with(&repository_inventory(), worker, args)
+}
+
+fn repository_inventory() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory.yaml")
+}
+
+fn deploy_command(inventory: &Path, worker: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(deploy_binary());
+    command
         .arg("-i")
-        .arg(&inventory)
+        .arg(inventory)
         .arg("--worker-binary")
         .arg(worker)
         .args(args)
-        .env("NO_COLOR", "1")
+        .env("NO_COLOR", "1");
+    command
+}
+
+fn deploy_with(inventory: &Path, worker: &Path, args: &[&str]) -> Output {
+    let output = deploy_command(inventory, worker, args)
         .output()
         .expect("yametee-deploy runs");
     eprintln!(
@@ -278,6 +291,21 @@ fn lab_apply_verify_and_roll_back() {
         );
     }
 
+    let scratch = tempfile::tempdir().expect("temporary directory");
+    one_setting_change_restarts_only_worker(scratch.path());
+    interrupted_apply_restarts_next_time(scratch.path());
+    changed_host_key_is_refused();
+
+    let restored = deploy(&["--lab", "--format", "json", "apply"]);
+    assert_eq!(restored.status.code(), Some(0), "{:#}", json(&restored));
+    let final_verify = deploy(&["--lab", "--format", "json", "verify"]);
+    assert_eq!(
+        final_verify.status.code(),
+        Some(0),
+        "{:#}",
+        json(&final_verify)
+    );
+
     drop(lab);
     let netns = Command::new("ip")
         .args(["netns", "list"])
@@ -292,5 +320,215 @@ fn lab_apply_verify_and_roll_back() {
     assert!(
         !mounts.lines().any(|line| line.contains("yametee-deploy")),
         "a lab mount is left"
+    );
+}
+
+/// Writes a copy of the repository's inventory with the worker's concurrency set to `value`.
+fn inventory_with_concurrency(dir: &Path, value: u32) -> PathBuf {
+    let text = std::fs::read_to_string(repository_inventory()).expect("inventory.yaml");
+    assert!(
+        text.contains("concurrency: 4"),
+        "inventory.yaml no longer sets concurrency: 4"
+    );
+    let path = dir.join(format!("inventory-concurrency-{value}.yaml"));
+    std::fs::write(
+        &path,
+        text.replace("concurrency: 4", &format!("concurrency: {value}")),
+    )
+    .expect("writing the changed inventory");
+    path
+}
+
+fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|host| host["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name} in {report:#}"))
+}
+
+fn lab_secret_values() -> Vec<String> {
+    let dir = std::env::var_os("YAMETEE_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/yametee-deploy/lab"));
+    let text = std::fs::read_to_string(dir.join("secrets.json")).expect("lab secrets.json");
+    let secrets: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&text).expect("secrets.json is a JSON object of strings");
+    secrets.into_values().collect()
+}
+
+/// Changing one setting shows exactly that diff, with no secret in it, and restarts only the
+/// worker.
+fn one_setting_change_restarts_only_worker(dir: &Path) {
+    let changed = inventory_with_concurrency(dir, 2);
+    let plan = deploy_with(
+        &changed,
+        &worker_binary(),
+        &["--lab", "--format", "json", "plan", "--detailed-exitcode"],
+    );
+    assert_eq!(plan.status.code(), Some(2), "changes must be pending");
+    let report = json(&plan);
+    for name in ["web", "postgres", "redis"] {
+        assert_eq!(
+            host(&report, name)["changes"].as_array().map(Vec::len),
+            Some(0),
+            "{report:#}"
+        );
+    }
+    let worker = host(&report, "worker");
+    let changes: Vec<String> = worker["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|change| {
+            format!(
+                "{} {} {}",
+                change["action"], change["kind"], change["target"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        vec![
+            r#""update" "file" "/etc/yametee-worker/worker.env""#,
+            r#""restart" "service" "yametee-worker.service""#,
+        ]
+    );
+    let diff = worker["diffs"].to_string();
+    assert!(diff.contains("-WORKER_CONCURRENCY=4"), "{diff}");
+    assert!(diff.contains("+WORKER_CONCURRENCY=2"), "{diff}");
+    let stdout = String::from_utf8_lossy(&plan.stdout);
+    for secret in lab_secret_values() {
+        assert!(
+            !stdout.contains(&secret),
+            "a lab secret appears in the plan"
+        );
+    }
+
+    let apply = deploy_with(
+        &changed,
+        &worker_binary(),
+        &["--lab", "--format", "json", "apply"],
+    );
+    let report = json(&apply);
+    assert_eq!(apply.status.code(), Some(0), "{report:#}");
+    assert_eq!(
+        host(&report, "worker")["restarted"],
+        serde_json::json!(["yametee-worker.service"])
+    );
+    for name in ["web", "postgres", "redis"] {
+        assert_eq!(
+            host(&report, name)["restarted"],
+            serde_json::json!([]),
+            "{report:#}"
+        );
+    }
+}
+
+/// An apply killed after it wrote the worker's env file but before it restarted the worker
+/// still restarts it on the next run, because the pending restart is recorded on the host.
+fn interrupted_apply_restarts_next_time(dir: &Path) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::CommandExt;
+
+    let changed = inventory_with_concurrency(dir, 3);
+    // A binary padded with 200 MB makes the upload, which follows the file writes, slow enough
+    // to interrupt.
+    let big = dir.join("padded-worker");
+    std::fs::copy(worker_binary(), &big).expect("copying the worker binary");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&big)
+        .expect("opening the copy");
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..200 {
+        file.write_all(&chunk).expect("padding the copy");
+    }
+    drop(file);
+
+    let mut child = deploy_command(&changed, &big, &["--lab", "apply"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("yametee-deploy starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let started = std::time::Instant::now();
+    let mut uploading = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("reading stderr");
+        eprintln!("{line}");
+        if line.contains("install release") {
+            uploading = true;
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "apply never reached the upload"
+        );
+    }
+    assert!(uploading, "apply ended before the upload");
+    // SAFETY: the child leads its own process group, so this signals only it and its ssh
+    // processes.
+    unsafe { libc::killpg(child.id() as i32, libc::SIGKILL) };
+    child.wait().expect("waiting for the killed apply");
+
+    let rerun = deploy_with(
+        &changed,
+        &worker_binary(),
+        &["--lab", "--format", "json", "apply"],
+    );
+    let report = json(&rerun);
+    assert_eq!(rerun.status.code(), Some(0), "{report:#}");
+    let worker = host(&report, "worker");
+    assert_eq!(
+        worker["restarted"],
+        serde_json::json!(["yametee-worker.service"]),
+        "{worker:#}"
+    );
+    let kinds: Vec<&str> = worker["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.iter().all(|kind| *kind == "service"),
+        "only the owed restart should remain: {worker:#}"
+    );
+}
+
+/// A host whose key differs from the pinned one is refused, with the key named.
+fn changed_host_key_is_refused() {
+    let dir = std::env::var_os("YAMETEE_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/yametee-deploy/lab"));
+    let path = dir.join("known_hosts");
+    let original = std::fs::read_to_string(&path).expect("lab known_hosts");
+    let web_key = original
+        .lines()
+        .find_map(|line| line.strip_prefix("192.168.120.50 "))
+        .expect("web host key");
+    let tampered: String = original
+        .lines()
+        .map(|line| {
+            if line.starts_with("192.168.120.45 ") {
+                format!("192.168.120.45 {web_key}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&path, tampered).expect("writing known_hosts");
+    let plan = deploy(&["--lab", "--limit", "worker", "plan"]);
+    std::fs::write(&path, original).expect("restoring known_hosts");
+
+    assert_eq!(plan.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        stdout.contains("host key of worker (192.168.120.45) does not match"),
+        "{stdout}"
     );
 }
