@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Times the main job on the lab, step by step, and prints the figures: lab up (base image
-# cached), a second lab up, the first and second apply, verify with the end-to-end probe
-# latency and the worker's memory, and lab down. Needs root; takes the lab down at the end.
+# cached), a second lab up, a cold apply, a no-op apply, an apply after one setting changed,
+# a plan, verify with the end-to-end probe latency and the worker's memory, and lab down.
+# With SCALE=N it then times a cold and a no-op apply on a lab of N worker hosts beside the
+# data stores and the web host. Needs root; takes the lab down at the end.
 # Run `cargo build --release --workspace` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-deploy=target/release/yametee-deploy
+deploy=$PWD/target/release/yametee-deploy
 [ -x "$deploy" ] || { echo "error: $deploy not found; run cargo build --release --workspace" >&2; exit 2; }
-runs=${RUNS:-1}
+scale=${SCALE:-0}
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
 now() { date +%s.%N; }
 elapsed() { awk -v start="$1" -v end="$2" 'BEGIN { printf "%.2f", end - start }'; }
@@ -17,28 +21,50 @@ step() {
   local name=$1; shift
   local start end
   start=$(now)
-  "$@" > /tmp/bench-lab.out 2> /tmp/bench-lab.err || { cat /tmp/bench-lab.err >&2; echo "error: $name failed" >&2; exit 1; }
+  "$@" > "$scratch/out" 2> "$scratch/err" || { cat "$scratch/err" >&2; echo "error: $name failed" >&2; exit 1; }
   end=$(now)
-  printf '%-28s %8s s\n' "$name" "$(elapsed "$start" "$end")"
+  printf '%-34s %8s s\n' "$name" "$(elapsed "$start" "$end")"
 }
 
+grep -q 'concurrency: 4' inventory.yaml || { echo "error: inventory.yaml no longer sets concurrency: 4" >&2; exit 2; }
+sed 's/concurrency: 4/concurrency: 2/' inventory.yaml > "$scratch/changed.yaml"
+
 "$deploy" lab down > /dev/null 2>&1
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
-for run in $(seq 1 "$runs"); do
-  echo "run $run"
-  step "lab up (cold hosts)" "$deploy" lab up
-  step "lab up (already up)" "$deploy" lab up
-  step "apply (first)" "$deploy" --lab apply
-  step "apply (no changes)" "$deploy" --lab apply
-  step "plan (in sync)" "$deploy" --lab plan --detailed-exitcode
-  step "verify" "$deploy" --lab --format json verify
-  python3 - /tmp/bench-lab.out <<'PY'
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), load $(cut -d' ' -f1 /proc/loadavg)"
+step "lab up (fresh hosts)" "$deploy" lab up
+step "lab up (already up)" "$deploy" lab up
+step "apply (cold)" "$deploy" --lab apply
+step "apply (no changes)" "$deploy" --lab apply
+step "apply (one setting changed)" "$deploy" -i "$scratch/changed.yaml" --lab apply
+step "apply (setting back)" "$deploy" --lab apply
+step "plan (in sync)" "$deploy" --lab plan --detailed-exitcode
+step "verify" "$deploy" --lab --format json verify
+python3 - "$scratch/out" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
 checks = {c["id"]: c for h in report["hosts"] for c in h["checks"]}
-print(f'{"  probe job":<28} {checks["e2e.probe-job"]["detail"]}')
-print(f'{"  worker memory":<28} {checks["worker.memory"]["detail"]}')
-print(f'{"  checks":<28} {len(checks)} distinct ids, ok={report["ok"]}')
+print(f'{"  probe job":<34} {checks["e2e.probe-job"]["detail"]}')
+print(f'{"  worker memory":<34} {checks["worker.memory"]["detail"]}')
+print(f'{"  results":<34} {sum(len(h["checks"]) for h in report["hosts"])}, ok={report["ok"]}')
 PY
+step "lab down" "$deploy" lab down
+
+if [ "$scale" -gt 0 ]; then
+  # The same inventory with the one worker replaced by $scale workers, from .100 upwards.
+  python3 - "$scale" > "$scratch/scaled.yaml" <<'PY'
+import sys
+count = int(sys.argv[1])
+text = open("inventory.yaml").read()
+head, _, _ = text.partition("  worker:\n    address: 192.168.120.45")
+workers = "".join(
+    f"  worker-{i}:\n    address: 192.168.120.{99 + i}\n    roles: [worker]\n" for i in range(1, count + 1)
+)
+print(head + workers, end="")
+PY
+  echo "lab of $scale workers"
+  step "lab up ($scale workers)" "$deploy" -i "$scratch/scaled.yaml" lab up
+  step "apply (cold, $scale workers)" "$deploy" -i "$scratch/scaled.yaml" --lab apply
+  step "apply (no changes, $scale workers)" "$deploy" -i "$scratch/scaled.yaml" --lab apply
+  step "verify ($scale workers)" "$deploy" -i "$scratch/scaled.yaml" --lab verify
   step "lab down" "$deploy" lab down
-done
+fi
