@@ -183,6 +183,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
         Command::Plan { detailed_exitcode } => {
             let deployment = deployment(&cli, lab_context.as_ref(), true)?;
             let reports = deployment.plan().await;
+            crate::progress::finish();
             print!("{}", report::plan(&reports, cli.format));
             let failed = reports.iter().any(|report| report.error.is_some());
             let pending = reports.iter().any(|report| !report.changes.is_empty());
@@ -195,6 +196,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
         Command::Apply => {
             let deployment = deployment(&cli, lab_context.as_ref(), true)?;
             let reports = deployment.apply().await;
+            crate::progress::finish();
             print!("{}", report::apply(&reports, cli.format));
             let ok = reports.iter().all(|report| report.outcome.is_success());
             Ok(if ok { exit::SUCCESS } else { exit::FAILURE })

@@ -148,6 +148,7 @@ impl Deployment {
             Ok(plan) => {
                 report.changes = plan.changes();
                 report.diffs = plan.diffs(&self.secrets);
+                tracing::info!(host = %host.name, changes = report.changes.len(), "planned");
             }
             Err(error) => report.error = Some(self.secrets.redact(&error)),
         }

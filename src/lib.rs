@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod lab;
 pub mod plan;
 pub mod postgres;
+pub mod progress;
 pub mod render;
 pub mod report;
 pub mod secrets;

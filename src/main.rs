@@ -2,6 +2,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use yametee_deploy::cli::{self, Cli};
@@ -28,12 +30,22 @@ fn main() -> ExitCode {
     cli::finish(runtime.block_on(cli::run(cli, lab_context)), format)
 }
 
-/// Logs and progress go to stderr, filtered by `RUST_LOG` (default: info for this tool),
-/// coloured only on a terminal and never when `NO_COLOR` is set.
+/// Logs and progress go to stderr, filtered by `RUST_LOG` (default: info for this tool). On a
+/// terminal, without `RUST_LOG`, each host gets one live line with its current step; otherwise
+/// events are plain lines, coloured only on a terminal and never when `NO_COLOR` is set.
 fn init_logging() {
+    let explicit_filter = std::env::var_os("RUST_LOG").is_some();
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("warn,yametee_deploy=info"));
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let terminal = std::io::stderr().is_terminal();
+    if terminal && !explicit_filter {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(yametee_deploy::progress::ProgressLayer::new())
+            .init();
+        return;
+    }
+    let colour = terminal && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
