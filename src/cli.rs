@@ -87,12 +87,33 @@ pub enum Command {
     Apply,
     /// Run the verification suite: one result per check per host.
     Verify,
+    /// Enqueue jobs in the web platform's format.
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Validate and show the inventory.
     #[command(subcommand)]
     Inventory(InventoryCommand),
     /// Local replica of the inventory's hosts in systemd-nspawn containers (needs root).
     #[command(subcommand)]
     Lab(LabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Push one job onto the queue from the web host's network position (a worker host's
+    /// when there is no web host), as the web platform does: RPUSH of
+    /// {"id","type","data","createdAt"}. Prints the job id.
+    Push {
+        /// Job type: order:process, email:send, webhook:process, cache:warm or verify:probe.
+        #[arg(value_name = "TYPE")]
+        job_type: String,
+        /// The job's data, a JSON object, such as '{"orderId":"test-order-123"}'.
+        #[arg(value_name = "JSON", default_value = "{}")]
+        data: String,
+        /// Job id [default: generated from the type, the time and a random number].
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,7 +186,7 @@ impl Fatal {
 pub fn prepare(cli: &Cli) -> Result<Option<LabContext>, Fatal> {
     let runs_remote = matches!(
         cli.command,
-        Command::Plan { .. } | Command::Apply | Command::Verify
+        Command::Plan { .. } | Command::Apply | Command::Verify | Command::Job(_)
     );
     if !cli.lab || !runs_remote {
         return Ok(None);
@@ -200,6 +221,10 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             print!("{}", report::apply(&reports, cli.format));
             let ok = reports.iter().all(|report| report.outcome.is_success());
             Ok(if ok { exit::SUCCESS } else { exit::FAILURE })
+        }
+        Command::Job(JobCommand::Push { job_type, data, id }) => {
+            let deployment = deployment(&cli, lab_context.as_ref(), false)?;
+            push_job(&cli, &deployment, job_type, data, id.as_deref()).await
         }
         Command::Verify => {
             let deployment = deployment(&cli, lab_context.as_ref(), false)?;
@@ -295,6 +320,63 @@ fn default_worker_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let candidate = exe.parent()?.join("yametee-worker");
     candidate.exists().then_some(candidate)
+}
+
+async fn push_job(
+    cli: &Cli,
+    deployment: &Deployment,
+    job_type: &str,
+    data: &str,
+    id: Option<&str>,
+) -> Result<u8, Fatal> {
+    if !crate::queue::JOB_TYPES.contains(&job_type) {
+        return Err(Fatal::usage(format!(
+            "unknown job type `{job_type}`; expected one of: {}",
+            crate::queue::JOB_TYPES.join(", ")
+        )));
+    }
+    let data: serde_json::Value = serde_json::from_str(data).map_err(|error| {
+        Fatal::usage(format!("invalid job data: {error}; expected a JSON object"))
+    })?;
+    if !data.is_object() {
+        return Err(Fatal::usage(
+            "invalid job data: expected a JSON object such as '{\"orderId\":\"o-1\"}'",
+        ));
+    }
+    let inventory = &deployment.inventory;
+    let host = inventory
+        .hosts_with(crate::inventory::Role::Web)
+        .chain(inventory.hosts_with(crate::inventory::Role::Worker))
+        .next()
+        .ok_or_else(|| Fatal::usage("the inventory has no web or worker host to push from"))?;
+
+    let id = id
+        .map(String::from)
+        .unwrap_or_else(|| crate::queue::new_job_id(job_type.split(':').next().unwrap_or("job")));
+    let job = crate::queue::job_json(&id, job_type, data);
+    let destination = crate::ssh::Destination::for_host(host, &deployment.ssh);
+    let remote = crate::ssh::Remote::connect(destination)
+        .await
+        .map_err(|error| Fatal::failure(error_chain(&error)))?;
+    let pushed = crate::queue::push(&remote, inventory, &deployment.secrets, &job).await;
+    remote.close().await;
+    let length =
+        pushed.map_err(|error| Fatal::failure(deployment.secrets.redact(&error_chain(&error))))?;
+
+    match cli.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({ "ok": true, "id": id, "queue": inventory.app.queue, "length": length, "from": host.name })
+        ),
+        _ => {
+            println!("{id}");
+            eprintln!(
+                "pushed job {id} from {} onto {}; {length} jobs waiting",
+                host.name, inventory.app.queue
+            );
+        }
+    }
+    Ok(exit::SUCCESS)
 }
 
 fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal> {

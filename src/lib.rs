@@ -14,6 +14,7 @@ pub mod lab;
 pub mod plan;
 pub mod postgres;
 pub mod progress;
+pub mod queue;
 pub mod render;
 pub mod report;
 pub mod secrets;

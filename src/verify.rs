@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde::Serialize;
@@ -12,6 +12,7 @@ use crate::deploy::{error_chain, role_names};
 use crate::facts;
 use crate::inventory::{Host, Inventory, Role};
 use crate::plan::WorkerBinary;
+use crate::queue;
 use crate::render::{worker_paths, Renderer, POSTGRES_UNIT, REDIS_UNIT};
 use crate::secrets::Secrets;
 use crate::ssh::{Destination, Remote, RemoteCommand, SshError, SshOverrides};
@@ -471,15 +472,9 @@ journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
     }
 
     async fn redis_ping(&self, remote: &Remote, address: String) -> CheckOutcome {
-        let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
-exec timeout 10 redis-cli -h "$1" -p "$2" PING"#;
-        let port = self.inventory.app.redis.port.to_string();
-        let command = RemoteCommand::script(
-            &format!("redis-cli -h {address} PING"),
-            script,
-            &[&address, &port],
-        )
-        .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
+        let port = self.inventory.app.redis.port;
+        let label = format!("redis-cli -h {address} PING");
+        let command = queue::redis_cli(self.inventory, self.secrets, &label, &["PING"]);
         let reply = run(remote, &command).await?;
         if reply.trim() == "PONG" {
             Ok(format!("PONG from {address}:{port}"))
@@ -578,41 +573,23 @@ ps -o rss= -p "$pid""#;
     /// worker writes, which proves a worker really processed it.
     async fn probe_job(&self, remote: &Remote) -> CheckOutcome {
         let app = &self.inventory.app;
-        let redis = self.inventory.redis_host();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let id = format!("probe-{}-{:08x}", now.as_secs(), rand::random::<u32>());
-        let job = serde_json::json!({
-            "id": id,
-            "type": "verify:probe",
-            "data": {},
-            "createdAt": rfc3339(now),
-        })
-        .to_string();
-
-        let push = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
-exec timeout 10 redis-cli -h "$1" -p "$2" RPUSH "$3" "$4""#;
-        let address = redis.address.to_string();
-        let port = app.redis.port.to_string();
-        let password = format!("{}\n", self.secrets.get("app.redis.password"));
-        let command = RemoteCommand::script(
-            "push the probe job",
-            push,
-            &[&address, &port, &app.queue, &job],
-        )
-        .stdin(password.clone());
+        let id = queue::new_job_id("probe");
+        let job = queue::job_json(&id, "verify:probe", serde_json::json!({}));
         let started = Instant::now();
-        run(remote, &command).await?;
+        queue::push(remote, self.inventory, self.secrets, &job)
+            .await
+            .map_err(|error| error_chain(&error))?;
 
         let key = format!("{PROBE_KEY_PREFIX}{id}");
-        let get = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
-exec timeout 10 redis-cli -h "$1" -p "$2" GET "$3""#;
-        let command = RemoteCommand::script("read the probe result", get, &[&address, &port, &key])
-            .stdin(password);
+        let get = queue::redis_cli(
+            self.inventory,
+            self.secrets,
+            "read the probe result",
+            &["GET", &key],
+        );
         // Bounded by PROBE_TIMEOUT; each round trip is one GET.
         while started.elapsed() < PROBE_TIMEOUT {
-            let value = run(remote, &command).await?;
+            let value = run(remote, &get).await?;
             let value = value.trim();
             if !value.is_empty() {
                 let latency = started.elapsed().as_millis();
@@ -629,16 +606,15 @@ exec timeout 10 redis-cli -h "$1" -p "$2" GET "$3""#;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+
         // Take the job back so that a worker started later does not process a stale probe.
-        let remove = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
-exec timeout 10 redis-cli -h "$1" -p "$2" LREM "$3" 1 "$4""#;
-        let command = RemoteCommand::script(
+        let remove = queue::redis_cli(
+            self.inventory,
+            self.secrets,
             "remove the probe job",
-            remove,
-            &[&address, &port, &app.queue, &job],
-        )
-        .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
-        let removed = match run(remote, &command).await {
+            &["LREM", &app.queue, "1", &job],
+        );
+        let removed = match run(remote, &remove).await {
             Ok(count) if count.trim() == "1" => "; it was still queued and has been removed",
             _ => "",
         };
@@ -745,44 +721,9 @@ fn fail(id: &str, detail: String, started: Instant) -> CheckResult {
     }
 }
 
-/// Formats a time since the Unix epoch as RFC 3339 in UTC with milliseconds, as JavaScript's
-/// `Date.toISOString` does.
-pub fn rfc3339(since_epoch: Duration) -> String {
-    let secs = since_epoch.as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (hour, minute, second) = (rest / 3600, rest % 3600 / 60, rest % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
-        since_epoch.subsec_millis()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_matches_known_dates() {
-        assert_eq!(rfc3339(Duration::from_secs(0)), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            rfc3339(Duration::from_millis(1_735_689_600_123)),
-            "2025-01-01T00:00:00.123Z"
-        );
-        assert_eq!(
-            rfc3339(Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00.000Z"
-        );
-    }
 
     #[test]
     fn startup_lines_name_the_worker() {

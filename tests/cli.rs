@@ -200,3 +200,51 @@ fn limited_render_keeps_other_hosts_access() {
     assert!(content.contains("192.168.120.45/32"), "{content}");
     assert!(content.contains("192.168.120.50/32"), "{content}");
 }
+
+fn run_with_secrets(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env("YAMETEE_PG_PASSWORD", "unused-here")
+        .env("YAMETEE_REDIS_PASSWORD", "unused-here")
+        .env_remove("YAMETEE_INVENTORY")
+        .output()
+        .expect("yametee-deploy runs")
+}
+
+#[test]
+fn job_push_rejects_unknown_type() {
+    let inventory = repository_inventory();
+    let output = run_with_secrets(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "job",
+        "push",
+        "order:cancel",
+        "{}",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown job type `order:cancel`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("order:process, email:send"), "{stderr}");
+}
+
+#[test]
+fn job_push_rejects_invalid_data() {
+    let inventory = repository_inventory();
+    for data in ["{orderId: 1}", "[1, 2]"] {
+        let output = run_with_secrets(&[
+            "-i",
+            inventory.to_str().unwrap(),
+            "job",
+            "push",
+            "order:process",
+            data,
+        ]);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{data}: {stderr}");
+        assert!(stderr.contains("invalid job data"), "{data}: {stderr}");
+    }
+}

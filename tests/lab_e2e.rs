@@ -200,6 +200,47 @@ fn lab_apply_verify_and_roll_back() {
         );
     }
 
+    // A job pushed the web platform's way is processed by the worker, as the runbook checks in
+    // the worker's journal.
+    let push = deploy(&[
+        "--lab",
+        "job",
+        "push",
+        "cache:warm",
+        "{}",
+        "--id",
+        "e2e-cache-warm",
+    ]);
+    assert_eq!(push.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&push.stdout).trim(),
+        "e2e-cache-warm"
+    );
+    let expected = "Processing job e2e-cache-warm of type cache:warm";
+    let started = std::time::Instant::now();
+    loop {
+        let journal = deploy(&[
+            "lab",
+            "ssh",
+            "worker",
+            "sudo",
+            "journalctl",
+            "-u",
+            "yametee-worker",
+            "--no-pager",
+            "-o",
+            "cat",
+        ]);
+        if String::from_utf8_lossy(&journal.stdout).contains(expected) {
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "the worker never logged {expected:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+
     let second = deploy(&["--lab", "--format", "json", "apply"]);
     let second_report = json(&second);
     assert_eq!(
