@@ -86,7 +86,12 @@ pub enum Command {
     /// report ready.
     Apply,
     /// Run the verification suite: one result per check per host.
-    Verify,
+    Verify {
+        /// Only run these checks: ids such as queue.depth, or prefixes such as worker or
+        /// firewall (comma-separated or repeated). ssh.reachable always runs.
+        #[arg(long = "check", value_delimiter = ',', value_name = "ID")]
+        checks: Vec<String>,
+    },
     /// Enqueue jobs in the web platform's format.
     #[command(subcommand)]
     Job(JobCommand),
@@ -186,7 +191,7 @@ impl Fatal {
 pub fn prepare(cli: &Cli) -> Result<Option<LabContext>, Fatal> {
     let runs_remote = matches!(
         cli.command,
-        Command::Plan { .. } | Command::Apply | Command::Verify | Command::Job(_)
+        Command::Plan { .. } | Command::Apply | Command::Verify { .. } | Command::Job(_)
     );
     if !cli.lab || !runs_remote {
         return Ok(None);
@@ -226,7 +231,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             let deployment = deployment(&cli, lab_context.as_ref(), false)?;
             push_job(&cli, &deployment, job_type, data, id.as_deref()).await
         }
-        Command::Verify => {
+        Command::Verify { checks } => {
             let deployment = deployment(&cli, lab_context.as_ref(), false)?;
             let verifier = Verifier {
                 inventory: &deployment.inventory,
@@ -235,7 +240,28 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
                 worker: deployment.worker.as_ref(),
                 renderer: &deployment.renderer,
                 targets: &deployment.targets,
+                only: checks,
             };
+            let known = verifier.all_check_ids();
+            let unknown: Vec<&String> = checks
+                .iter()
+                .filter(|pattern| {
+                    !known
+                        .iter()
+                        .any(|id| crate::verify::check_selected(id, std::slice::from_ref(*pattern)))
+                })
+                .collect();
+            if !unknown.is_empty() {
+                return Err(Fatal::usage(format!(
+                    "no check matches --check {}; the checks are: {}",
+                    unknown
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    known.join(", ")
+                )));
+            }
             let report = verifier.run().await;
             print!("{}", report::verify(&report, cli.format));
             Ok(if report.ok {

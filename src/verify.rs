@@ -86,6 +86,21 @@ pub struct Verifier<'a> {
     pub renderer: &'a Renderer,
     /// Names of the hosts to verify (`--limit`).
     pub targets: &'a [String],
+    /// Check ids or id prefixes to run (`--check`); empty runs every check.
+    pub only: &'a [String],
+}
+
+/// Whether `id` is selected by `--check` patterns: an exact id, or a prefix such as `worker`
+/// or `worker.` that selects every `worker.…` check.
+pub fn check_selected(id: &str, only: &[String]) -> bool {
+    only.is_empty()
+        || only.iter().any(|pattern| {
+            let prefix = pattern.trim_end_matches(['.', '*']);
+            id == pattern
+                || id
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
 }
 
 /// Why a check did not pass.
@@ -149,7 +164,11 @@ impl<'a> Verifier<'a> {
                 result
                     .checks
                     .push(fail("ssh.reachable", error_chain(&error), started));
-                for id in self.check_ids(host) {
+                for id in self
+                    .check_ids(host)
+                    .into_iter()
+                    .filter(|id| check_selected(id, self.only))
+                {
                     result.checks.push(CheckResult {
                         id,
                         status: Status::Skip,
@@ -161,7 +180,10 @@ impl<'a> Verifier<'a> {
             }
         };
 
-        let checks = self.checks(host, &remote);
+        let checks = self
+            .checks(host, &remote)
+            .into_iter()
+            .filter(|(id, _)| check_selected(id, self.only));
         let timed = checks.into_iter().map(|(id, check)| async move {
             let started = Instant::now();
             let outcome = check.await;
@@ -190,6 +212,24 @@ impl<'a> Verifier<'a> {
         result.checks.extend(join_all(timed).await);
         remote.close().await;
         result
+    }
+
+    /// Every check id the suite has for the selected hosts, for validating `--check`.
+    pub fn all_check_ids(&self) -> Vec<String> {
+        let mut ids = vec!["ssh.reachable".to_string()];
+        for host in self
+            .inventory
+            .hosts
+            .iter()
+            .filter(|host| self.targets.contains(&host.name))
+        {
+            for id in self.check_ids(host) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
     }
 
     fn check_ids(&self, host: &Host) -> Vec<String> {
@@ -467,7 +507,12 @@ journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
         if missing.is_empty() {
             Ok("all 5 startup lines logged by the current run".into())
         } else {
-            Err(format!("missing from the current run's log: {}", missing.join("; ")).into())
+            Err(format!(
+                "missing from the current run's log: {}; see `sudo journalctl -u {} -n 50`",
+                missing.join("; "),
+                worker_paths::UNIT
+            )
+            .into())
         }
     }
 
@@ -659,7 +704,21 @@ async fn unit_running(remote: &Remote, unit: &str) -> CheckOutcome {
     if active == "active" && enabled == "enabled" {
         Ok(format!("{unit} active and enabled"))
     } else {
-        Err(format!("{unit} is {active} and {enabled}; expected active and enabled").into())
+        Err(format!(
+            "{unit} is {} and {}; expected active and enabled; see `sudo systemctl status {unit}` \
+             and `sudo journalctl -u {unit} -n 50`",
+            if active.is_empty() {
+                "unknown"
+            } else {
+                &active
+            },
+            if enabled.is_empty() {
+                "not installed"
+            } else {
+                &enabled
+            },
+        )
+        .into())
     }
 }
 
@@ -672,7 +731,7 @@ async fn listening(remote: &Remote, host: &Host, port: u16) -> CheckOutcome {
     if found {
         Ok(format!("listening on {wanted}"))
     } else {
-        Err(format!("nothing listens on {wanted}").into())
+        Err(format!("nothing listens on {wanted}; see `sudo ss -tlnp` on the host").into())
     }
 }
 
@@ -724,6 +783,21 @@ fn fail(id: &str, detail: String, started: Instant) -> CheckResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_patterns_select_ids() {
+        let only = vec!["worker".to_string(), "queue.depth".to_string()];
+        assert!(check_selected("worker.memory", &only));
+        assert!(check_selected("queue.depth", &only));
+        assert!(!check_selected("queue.depth-x", &only));
+        assert!(!check_selected("web.redis-ping", &only));
+        assert!(!check_selected("workers.x", &only));
+        assert!(check_selected("anything", &[]));
+        assert!(check_selected(
+            "firewall.rules",
+            &["firewall.*".to_string()]
+        ));
+    }
 
     #[test]
     fn startup_lines_name_the_worker() {
