@@ -3,8 +3,8 @@
 //!
 //! `main` reads the [`config::Config`] and hands it to [`worker::run`], which connects,
 //! applies the schema migrations, and runs the fetch loop until SIGTERM or SIGINT.
-//! Each fetched job runs in [`execute`], and [`ack`] removes finished jobs from the
-//! in-flight list in batches.
+//! Each fetched job runs in [`execute`] on one of the [`slots`], and [`ack`] removes
+//! finished jobs from the in-flight list in batches.
 
 pub mod ack;
 pub mod config;
@@ -19,6 +19,7 @@ pub mod maintenance;
 pub mod queue;
 pub mod redact;
 pub mod retry;
+pub mod slots;
 pub mod startup;
 pub mod worker;
 

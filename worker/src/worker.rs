@@ -5,13 +5,11 @@
 //! [`PREFETCH_JOBS`] fetched ones waiting for a free slot, and every one of them stays in
 //! this instance's in-flight list until it is acknowledged.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinError, JoinSet};
 use tokio::time::{sleep, timeout};
 use tracing::{error, info, warn};
 
@@ -19,18 +17,21 @@ use crate::ack::{self, Ack, Claims};
 use crate::config::Config;
 use crate::db::DatabaseSlot;
 use crate::error_chain;
-use crate::execute::{run_job, FetchedJob};
+use crate::execute::FetchedJob;
 use crate::keys::QueueKeys;
 use crate::mail::Mailer;
 use crate::maintenance::maintain;
 use crate::queue::{Fetcher, Queue};
 use crate::redact::scrub_secrets;
+use crate::slots::{HeldJobs, JobSlots, SlotJob};
 use crate::startup::{self, Connections};
 
 /// Jobs fetched ahead of a free slot. While every slot is busy the next jobs are already
 /// here, so a deep queue of short jobs keeps every slot busy. It also bounds the jobs one
 /// instance keeps from other workers on the same queue.
 pub const PREFETCH_JOBS: usize = 32;
+/// Fewest jobs fetched ahead at once while every slot is busy.
+const MIN_PREFETCH_BATCH: usize = PREFETCH_JOBS / 2;
 /// Consecutive failed fetches after which the worker gives up and exits non-zero, so
 /// that systemd restarts it. With the waits of [`reconnect_delay`] in between, this is
 /// about a minute.
@@ -123,11 +124,12 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
         mailer,
         secrets: config.secrets(),
     });
-    let mut slots = vec![DatabaseSlot::new(
+    let mut database_slots = vec![DatabaseSlot::new(
         database_config.clone(),
         Some(first_database_client),
     )];
-    slots.extend((1..config.concurrency).map(|_| DatabaseSlot::new(database_config.clone(), None)));
+    database_slots
+        .extend((1..config.concurrency).map(|_| DatabaseSlot::new(database_config.clone(), None)));
 
     if !*shutdown.borrow() {
         info!("Worker {} ready and waiting for jobs", config.worker_name);
@@ -137,15 +139,22 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
         ]);
     }
 
-    let mut tasks = JoinSet::new();
-    let mut waiting = VecDeque::new();
+    let capacity = config.concurrency + PREFETCH_JOBS;
+    let held = Arc::new(HeldJobs::default());
+    let mut slots = JobSlots::start(
+        database_slots,
+        capacity,
+        Arc::clone(&shared),
+        database_config,
+        shutdown.clone(),
+    );
     let fetched = FetchLoop {
         fetcher: Fetcher::new(fetching, keys),
         shared: &shared,
-        database_config: &database_config,
-        idle_slots: slots,
-        waiting: &mut waiting,
-        tasks: &mut tasks,
+        slots: &mut slots,
+        held: &held,
+        concurrency: config.concurrency,
+        capacity,
     }
     .run(&mut shutdown)
     .await;
@@ -154,11 +163,10 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("Draining jobs"),
     ]);
-    return_waiting_jobs(&shared, &mut waiting).await;
-    drain(&mut tasks, config.drain_timeout).await;
+    slots.drain(&held, config.drain_timeout).await;
 
     // Dropping the last sender lets the acknowledging task finish its batch and end.
-    drop(tasks);
+    drop(slots);
     drop(shared);
     if timeout(ACK_STOP_TIMEOUT, acknowledging).await.is_err() {
         warn!(
@@ -183,16 +191,15 @@ pub async fn run(config: Config) -> Result<(), WorkerError> {
     fetched
 }
 
-/// Takes jobs from the queue and starts one task per job, with at most one task per
-/// database slot, until shutdown is requested or Redis stays unreachable.
+/// Takes jobs from the queue and hands them to the job slots, holding at most
+/// `capacity` jobs at once, until shutdown is requested or Redis stays unreachable.
 struct FetchLoop<'a> {
     fetcher: Fetcher,
     shared: &'a Arc<Shared>,
-    database_config: &'a tokio_postgres::Config,
-    idle_slots: Vec<DatabaseSlot>,
-    /// Fetched jobs waiting for a free slot, oldest first.
-    waiting: &'a mut VecDeque<FetchedJob>,
-    tasks: &'a mut JoinSet<DatabaseSlot>,
+    slots: &'a mut JobSlots,
+    held: &'a Arc<HeldJobs>,
+    concurrency: usize,
+    capacity: usize,
 }
 
 /// Way the fetch loop gets its next jobs.
@@ -206,33 +213,22 @@ enum FetchMode {
 
 impl FetchLoop<'_> {
     async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), WorkerError> {
-        let capacity = self.idle_slots.len() + PREFETCH_JOBS;
         let mut failures = 0;
         let mut check_unclaimed = false;
         let mut queue_was_deep = false;
 
         loop {
-            while let Some(finished) = self.tasks.try_join_next() {
-                self.idle_slots
-                    .push(recover_slot(finished, self.database_config));
-            }
             if *shutdown.borrow() {
                 return Ok(());
             }
-            self.start_waiting_jobs();
 
-            let room = capacity.saturating_sub(self.waiting.len() + self.tasks.len());
-            let Some(mode) = choose_fetch(
-                room,
-                !self.waiting.is_empty(),
-                self.idle_slots.is_empty(),
-                queue_was_deep,
-            ) else {
+            let held = self.held.count();
+            let room = self.capacity.saturating_sub(held);
+            let Some(mode) = choose_fetch(room, held < self.concurrency, queue_was_deep) else {
                 tokio::select! {
                     _ = shutdown.changed() => return Ok(()),
-                    Some(finished) = self.tasks.join_next() => {
-                        self.idle_slots.push(recover_slot(finished, self.database_config));
-                    }
+                    () = self.held.released() => {}
+                    () = self.slots.replace_failed_slot() => {}
                 }
                 continue;
             };
@@ -270,22 +266,7 @@ impl FetchLoop<'_> {
         }
     }
 
-    /// Starts waiting jobs while there are idle slots.
-    fn start_waiting_jobs(&mut self) {
-        while !self.idle_slots.is_empty() {
-            let Some(job) = self.waiting.pop_front() else {
-                return;
-            };
-            let slot = self
-                .idle_slots
-                .pop()
-                .expect("an idle slot was checked above");
-            self.tasks
-                .spawn(run_job(job, slot, Arc::clone(self.shared)));
-        }
-    }
-
-    /// Fetches up to `room` jobs into the waiting list and returns how many came.
+    /// Fetches up to `room` jobs, hands them to the slots and returns how many came.
     async fn fetch(&mut self, mode: FetchMode, room: usize) -> redis::RedisResult<usize> {
         let mut raws = self.fetcher.fetch_batch(room).await?;
         if raws.is_empty() && mode == FetchMode::BatchOrBlock {
@@ -296,10 +277,12 @@ impl FetchLoop<'_> {
         let count = raws.len();
         for raw in raws {
             self.shared.claims.claim(&raw);
-            self.waiting.push_back(FetchedJob {
+            let held = self.held.hold();
+            let job = FetchedJob {
                 raw,
                 picked_up_unix_us,
-            });
+            };
+            self.slots.submit(SlotJob { job, held }).await;
         }
         Ok(count)
     }
@@ -326,25 +309,20 @@ impl FetchLoop<'_> {
     }
 }
 
-/// Decides whether to fetch now and how, or to wait for a running job to finish (`None`).
+/// Decides whether to fetch now and how, or to wait for a held job to finish (`None`).
 ///
-/// Jobs that wait for a slot, or no room left, mean waiting. With idle slots the loop
-/// fetches and blocks when the queue is empty. With every slot busy it fetches ahead only
-/// while the last fetch found the queue deep, so that an idle worker does not sit in
-/// `BLMOVE` holding a job that no slot can take.
-fn choose_fetch(
-    room: usize,
-    jobs_waiting: bool,
-    slots_busy: bool,
-    queue_was_deep: bool,
-) -> Option<FetchMode> {
-    if room == 0 || jobs_waiting {
+/// With an idle slot the loop fetches, and blocks when the queue is empty. With every
+/// slot busy it fetches ahead only while the last fetch found the queue deep, and only
+/// once at least [`MIN_PREFETCH_BATCH`] jobs fit, so that a deep queue is moved in
+/// batches rather than one job per finished one.
+fn choose_fetch(room: usize, slot_idle: bool, queue_was_deep: bool) -> Option<FetchMode> {
+    if room == 0 {
         return None;
     }
-    if !slots_busy {
+    if slot_idle {
         return Some(FetchMode::BatchOrBlock);
     }
-    queue_was_deep.then_some(FetchMode::Batch)
+    (queue_was_deep && room >= MIN_PREFETCH_BATCH).then_some(FetchMode::Batch)
 }
 
 /// Returns the wait after the `failures`-th consecutive failure to reach Redis: 1 s, 2 s,
@@ -360,72 +338,6 @@ fn log_fetch_recovery(failures: &mut u32) {
         info!("Redis connection re-established after {failures} failed fetch(es)");
         *failures = 0;
     }
-}
-
-/// Returns the slot of a finished job task, or a fresh one when the task panicked or was
-/// aborted and took its slot with it.
-fn recover_slot(
-    finished: Result<DatabaseSlot, JoinError>,
-    database_config: &tokio_postgres::Config,
-) -> DatabaseSlot {
-    finished.unwrap_or_else(|error| {
-        if error.is_panic() {
-            error!(
-                "A job task panicked; its job stays in flight until the next restart returns it"
-            );
-        }
-        DatabaseSlot::new(database_config.clone(), None)
-    })
-}
-
-/// Returns fetched jobs that never started to the head of the queue at once, so that
-/// other workers can take them while this one drains.
-async fn return_waiting_jobs(shared: &Shared, waiting: &mut VecDeque<FetchedJob>) {
-    if waiting.is_empty() {
-        return;
-    }
-
-    let raws: Vec<String> = waiting.drain(..).map(|job| job.raw).collect();
-    let mut queue = shared.queue.clone();
-    match queue.return_jobs(&raws).await {
-        Ok(returned) => info!("Returned {returned} job(s) that had not started to the queue"),
-        // They stay in the in-flight list, which the release at the end returns.
-        Err(error) => warn!(
-            "Returning {} job(s) that had not started failed: {}",
-            raws.len(),
-            shared.scrub(&error_chain(&error))
-        ),
-    }
-}
-
-/// Waits up to `drain_timeout` for running jobs, then stops the rest. Their jobs stay in
-/// the in-flight list, which [`release_queue`] returns to the queue.
-async fn drain(tasks: &mut JoinSet<DatabaseSlot>, drain_timeout: Duration) {
-    if tasks.is_empty() {
-        return;
-    }
-
-    info!(
-        "Waiting up to {} s for {} running job(s) to finish",
-        drain_timeout.as_secs(),
-        tasks.len()
-    );
-    let finished = timeout(drain_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if finished.is_ok() {
-        info!("All running jobs finished");
-        return;
-    }
-
-    warn!(
-        "{} job(s) did not finish within the drain timeout of {} s; stopping them",
-        tasks.len(),
-        drain_timeout.as_secs()
-    );
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Returns unfinished jobs to the queue and deletes the heartbeat key, so that this
@@ -492,22 +404,23 @@ mod tests {
     }
 
     #[test]
-    fn idle_slots_fetch_and_block() {
+    fn idle_slot_fetches_and_blocks() {
+        assert_eq!(choose_fetch(10, true, false), Some(FetchMode::BatchOrBlock));
+        assert_eq!(choose_fetch(1, true, true), Some(FetchMode::BatchOrBlock));
+    }
+
+    #[test]
+    fn busy_slots_prefetch_batches_from_deep_queue() {
         assert_eq!(
-            choose_fetch(10, false, false, false),
-            Some(FetchMode::BatchOrBlock)
+            choose_fetch(MIN_PREFETCH_BATCH, false, true),
+            Some(FetchMode::Batch)
         );
+        assert_eq!(choose_fetch(MIN_PREFETCH_BATCH - 1, false, true), None);
+        assert_eq!(choose_fetch(PREFETCH_JOBS, false, false), None);
     }
 
     #[test]
-    fn busy_slots_prefetch_only_from_deep_queue() {
-        assert_eq!(choose_fetch(10, false, true, true), Some(FetchMode::Batch));
-        assert_eq!(choose_fetch(10, false, true, false), None);
-    }
-
-    #[test]
-    fn waiting_jobs_or_no_room_mean_waiting() {
-        assert_eq!(choose_fetch(10, true, false, true), None);
-        assert_eq!(choose_fetch(0, false, false, true), None);
+    fn no_room_means_waiting() {
+        assert_eq!(choose_fetch(0, true, true), None);
     }
 }
