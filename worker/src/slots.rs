@@ -2,8 +2,8 @@
 //! PostgreSQL connection, taking fetched jobs from a local channel one after another.
 //!
 //! A slot that finishes a job takes the next one without waking the fetch loop, which
-//! only refills the channel. [`HeldJobs`] counts the jobs between fetch and finish, so
-//! the fetch loop knows how many more it may take.
+//! only refills the channel. [`HeldJobs`] counts the jobs between fetch and finish, from
+//! which the fetch loop computes how many more it may take.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -75,8 +75,8 @@ pub struct JobSlots {
 }
 
 impl JobSlots {
-    /// Starts one slot task per database slot. `capacity` bounds the jobs held at once,
-    /// which the fetch loop keeps to, so sending into the channel never waits.
+    /// Starts one slot task per database slot. The channel has room for `capacity` jobs,
+    /// the most the fetch loop holds at once, so sending into it does not wait.
     pub fn start(
         database_slots: Vec<DatabaseSlot>,
         capacity: usize,
@@ -113,7 +113,8 @@ impl JobSlots {
         let Some(sender) = &self.sender else {
             return;
         };
-        // The receiver lives as long as `self`, so sending fails only after `close`.
+        // The receiver is shared with `self`, so it outlives the sender and sending cannot
+        // fail.
         let _ = sender.send(job).await;
     }
 

@@ -30,7 +30,7 @@ use crate::startup::{self, Connections};
 /// here, so a deep queue of short jobs keeps every slot busy. It also bounds the jobs one
 /// instance keeps from other workers on the same queue.
 pub const PREFETCH_JOBS: usize = 32;
-/// Fewest jobs fetched ahead at once while every slot is busy.
+/// Minimum number of jobs fetched ahead at once while every slot is busy.
 const MIN_PREFETCH_BATCH: usize = PREFETCH_JOBS / 2;
 /// Consecutive failed fetches after which the worker gives up and exits non-zero, so
 /// that systemd restarts it. With the waits of [`reconnect_delay`] in between, this is
