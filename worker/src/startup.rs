@@ -190,20 +190,27 @@ pub fn instance_name(worker_name: &str, host_name: &str) -> String {
     format!("{worker_name}@{host_name}")
 }
 
+/// Returns the kernel's host name, through uname(2) so that no file under /proc needs to be
+/// readable (a hardened unit may hide /proc/sys).
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|name| name.trim().to_string())
-        .filter(|name| !name.is_empty())
-        .or_else(|| {
-            std::env::var("HOSTNAME")
-                .ok()
-                .filter(|name| !name.is_empty())
-        })
-        .unwrap_or_else(|| {
-            warn!("Host name unknown; using \"localhost\" in the instance name");
-            "localhost".to_string()
-        })
+    // SAFETY: uname fills the zero-initialised struct and does not keep the pointer.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    let known = unsafe { libc::uname(&mut name) } == 0;
+    let nodename = if known {
+        // SAFETY: uname wrote a NUL-terminated string into nodename.
+        unsafe { std::ffi::CStr::from_ptr(name.nodename.as_ptr()) }
+            .to_string_lossy()
+            .trim()
+            .to_string()
+    } else {
+        String::new()
+    };
+    if !nodename.is_empty() && nodename != "(none)" {
+        return nodename;
+    }
+    // Two workers both named "@localhost" would share one in-flight list, so say so loudly.
+    warn!("Host name unknown; using \"localhost\" in the instance name");
+    "localhost".to_string()
 }
 
 pub fn heartbeat_value(config: &Config) -> String {
@@ -219,6 +226,12 @@ pub fn heartbeat_value(config: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_name_matches_the_kernel() {
+        let expected = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("readable here");
+        assert_eq!(host_name(), expected.trim());
+    }
 
     #[test]
     fn instance_name_joins_worker_and_host() {
