@@ -545,10 +545,12 @@ fn lab_spec(inventory: &Inventory) -> LabSpec {
             roles: crate::deploy::role_names(host),
         })
         .collect();
+    // The lab makes up passwords; an SMTP relay URL cannot be made up, so it must be given.
     let mut secret_env_names: Vec<String> = inventory
         .secret_refs()
-        .values()
-        .filter_map(|reference| match reference {
+        .into_iter()
+        .filter(|(setting, _)| *setting != "app.smtp.url")
+        .filter_map(|(_, reference)| match reference {
             SecretRef::Env(name) => Some(name.clone()),
             SecretRef::File(_) => None,
         })

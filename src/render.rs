@@ -418,6 +418,10 @@ fn template_context(inventory: &Inventory, host: &Host, secrets: &Secrets) -> Va
             working_directory => app.web.working_directory,
         },
         clients,
+        smtp => app.smtp.as_ref().map(|smtp| context! {
+            url => secrets.get("app.smtp.url"),
+            from => smtp.from,
+        }),
         database_url,
         redis_url,
         redis_password,
@@ -557,6 +561,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn smtp_relay_reaches_worker_env() {
+        let text = include_str!("../inventory.yaml").replace(
+            "  thresholds:",
+            "  smtp:\n    url: {env: SMTP_RELAY_URL}\n    from: noreply@yametee.example\n  thresholds:",
+        );
+        let inventory = crate::inventory::parse_inventory(&text).expect("valid inventory");
+        let secrets = Secrets::placeholders(&inventory);
+        let worker = inventory.host("worker").expect("worker host");
+        let desired = Renderer::new()
+            .render_host(&inventory, worker, &secrets)
+            .expect("renders");
+        let env = &desired
+            .files
+            .iter()
+            .find(|file| file.path.ends_with("worker.env"))
+            .expect("env")
+            .content;
+        assert!(env.contains("SMTP_URL=<secret:app.smtp.url>\n"), "{env}");
+        assert!(env.contains("SMTP_FROM=noreply@yametee.example\n"), "{env}");
     }
 
     #[test]

@@ -112,6 +112,17 @@ pub struct App {
     pub worker: WorkerSettings,
     pub web: WebSettings,
     pub thresholds: QueueThresholds,
+    /// The relay the worker sends e-mail through; without it e-mail jobs wait in retries.
+    pub smtp: Option<Smtp>,
+}
+
+/// The SMTP relay of the `email:send` jobs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Smtp {
+    /// `smtp://[user:password@]host[:port]`, a secret because it may hold a password.
+    pub url: SecretRef,
+    /// Sender address; the worker's default is `<worker name>@<host name>`.
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,10 +214,14 @@ impl Inventory {
 
     /// Every secret the inventory refers to, keyed by the setting that uses it.
     pub fn secret_refs(&self) -> BTreeMap<&'static str, &SecretRef> {
-        BTreeMap::from([
+        let mut refs = BTreeMap::from([
             ("app.database.password", &self.app.database.password),
             ("app.redis.password", &self.app.redis.password),
-        ])
+        ]);
+        if let Some(smtp) = &self.app.smtp {
+            refs.insert("app.smtp.url", &smtp.url);
+        }
+        refs
     }
 
     /// Returns the names of the hosts a command works on: all of them when `names` is empty,

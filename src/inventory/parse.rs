@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
 
 use super::{
-    App, Database, Host, Inventory, Problem, QueueThresholds, Redis, Role, SecretRef, SshSettings,
-    WebSettings, WorkerSettings,
+    App, Database, Host, Inventory, Problem, QueueThresholds, Redis, Role, SecretRef, Smtp,
+    SshSettings, WebSettings, WorkerSettings,
 };
 
 type Node = MarkedYamlOwned;
@@ -176,7 +176,15 @@ impl Reader {
     }
 
     fn app(&mut self, node: &Node) -> Option<App> {
-        let keys = ["database", "redis", "queue", "worker", "web", "thresholds"];
+        let keys = [
+            "database",
+            "redis",
+            "queue",
+            "worker",
+            "web",
+            "smtp",
+            "thresholds",
+        ];
         let app = self.mapping(node, "app", &keys)?;
         let database = self
             .required(&app, "database")
@@ -190,7 +198,9 @@ impl Reader {
         let worker = self.worker(app.get("worker"));
         let web = self.web(app.get("web"));
         let thresholds = self.thresholds(app.get("thresholds"));
+        let smtp = app.get("smtp").and_then(|node| self.smtp(node));
         Some(App {
+            smtp,
             database: database?,
             redis: redis?,
             queue,
@@ -248,6 +258,27 @@ impl Reader {
             port,
             maxmemory,
         })
+    }
+
+    fn smtp(&mut self, node: &Node) -> Option<Smtp> {
+        let smtp = self.mapping(node, "app.smtp", &["url", "from"])?;
+        let url = self
+            .required(&smtp, "url")
+            .and_then(|node| self.secret_ref(node, "app.smtp.url"));
+        let from = self.optional_string(&smtp, "from");
+        if let (Some(value), Some(node)) = (&from, smtp.get("from")) {
+            if !value.contains('@') || value.chars().any(char::is_whitespace) {
+                self.report(
+                    node,
+                    format!(
+                        "invalid app.smtp.from `{value}`; expected an e-mail address such as \
+                     noreply@example.com"
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(Smtp { url: url?, from })
     }
 
     fn worker(&mut self, node: Option<&Node>) -> WorkerSettings {
@@ -823,7 +854,7 @@ hosts:
             "5:15: app.database.password must be a secret reference; expected {env: NAME} or \
              {file: PATH}; secrets are never written in the inventory",
             "8:3: unknown key `colour` in app; expected one of: database, redis, queue, worker, \
-             web, thresholds",
+             web, smtp, thresholds",
             "10:3: no host has the role `postgres`; expected exactly one postgres host",
             "10:3: no host has the role `redis`; expected exactly one redis host",
             "11:14: invalid hosts.web.address `192.168.120.500`; expected an IPv4 address such as \
