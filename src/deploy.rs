@@ -18,7 +18,7 @@ use crate::render::Renderer;
 use crate::secrets::Secrets;
 use crate::ssh::{Destination, Remote, SshOverrides};
 
-/// Most hosts worked on at once unless `--parallel` says otherwise.
+/// Default for `--parallel`: the most hosts worked on at once.
 pub const DEFAULT_PARALLEL_HOSTS: usize = 8;
 
 /// A host's open connection and plan, or why they could not be had.

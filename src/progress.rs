@@ -1,6 +1,6 @@
 //! Live progress on a terminal: one line per host showing the step it is on. The steps are
-//! the `info` events that carry a `host` field, so the code that does the work only logs;
-//! when stderr is not a terminal the same events are printed as plain log lines instead.
+//! the `info` events that carry a `host` field, so the code that does the work only logs.
+//! When stderr is not a terminal, the same events are printed as plain log lines instead.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -1,5 +1,5 @@
-//! The job queue as the web platform sees it: jobs in its JSON format, pushed with `RPUSH`
-//! onto the Redis list from a host's own network position, through `redis-cli` over SSH.
+//! The job queue as the web platform uses it. Jobs are in its JSON format and are pushed with
+//! `RPUSH` onto the Redis list from a host's own network position, through `redis-cli` over SSH.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,8 +16,8 @@ pub const JOB_TYPES: [&str; 5] = [
     "verify:probe",
 ];
 
-/// A `redis-cli` command against the inventory's Redis, run on whichever host `remote` is;
-/// the password travels on standard input and `timeout` bounds the client to 10 s.
+/// Builds a `redis-cli` command against the inventory's Redis, to run on any host. The password
+/// travels on standard input, and `timeout` bounds the client to 10 s.
 pub fn redis_cli(
     inventory: &Inventory,
     secrets: &Secrets,
@@ -50,7 +50,7 @@ pub fn job_json(id: &str, job_type: &str, data: serde_json::Value) -> String {
     .to_string()
 }
 
-/// A new job id: the prefix, the Unix time and 32 random bits.
+/// Generates a job id from the prefix, the Unix time and 32 random bits.
 pub fn new_job_id(prefix: &str) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
