@@ -127,16 +127,7 @@ pub(crate) fn command_failed(command: &Command, output: &Output) -> LabError {
     }
 }
 
-/// Returns the last `count` non-empty lines of `text`, joined with "; ".
-pub(crate) fn last_lines(text: &str, count: usize) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .collect();
-    let start = lines.len().saturating_sub(count);
-    lines[start..].join("; ")
-}
+pub(crate) use crate::ssh::last_lines;
 
 /// Sends `signal` to one process.
 pub(crate) fn signal_process(pid: u32, signal: libc::c_int) {
