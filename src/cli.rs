@@ -91,6 +91,10 @@ pub enum Command {
         /// firewall (comma-separated or repeated). ssh.reachable always runs.
         #[arg(long = "check", value_delimiter = ',', value_name = "ID")]
         checks: Vec<String>,
+        /// Seconds the end-to-end check waits for a worker to process its probe job.
+        #[arg(long, default_value_t = 20, value_name = "SECS",
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        probe_timeout: u64,
     },
     /// Enqueue jobs in the web platform's format.
     #[command(subcommand)]
@@ -231,7 +235,10 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             let deployment = deployment(&cli, lab_context.as_ref(), false)?;
             push_job(&cli, &deployment, job_type, data, id.as_deref()).await
         }
-        Command::Verify { checks } => {
+        Command::Verify {
+            checks,
+            probe_timeout,
+        } => {
             let deployment = deployment(&cli, lab_context.as_ref(), false)?;
             let verifier = Verifier {
                 inventory: &deployment.inventory,
@@ -241,6 +248,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
                 renderer: &deployment.renderer,
                 targets: &deployment.targets,
                 only: checks,
+                probe_timeout: std::time::Duration::from_secs(*probe_timeout),
             };
             let known = verifier.all_check_ids();
             let unknown: Vec<&String> = checks

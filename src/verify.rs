@@ -30,8 +30,6 @@ pub fn startup_lines(worker_name: &str) -> Vec<String> {
 
 /// Key the worker writes when it processed a `verify:probe` job.
 pub const PROBE_KEY_PREFIX: &str = "yametee:probe:";
-/// How long the end-to-end check waits for the probe job's result.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Seconds a connection that the firewall must drop is given before it counts as blocked. On
 /// the private network between the hosts a connection that is allowed opens in milliseconds.
 const BLOCKED_PROBE_SECS: &str = "1";
@@ -88,6 +86,8 @@ pub struct Verifier<'a> {
     pub targets: &'a [String],
     /// Check ids or id prefixes to run (`--check`); empty runs every check.
     pub only: &'a [String],
+    /// How long the end-to-end check waits for the probe job's result.
+    pub probe_timeout: Duration,
 }
 
 /// Whether `id` is selected by `--check` patterns: an exact id, or a prefix such as `worker`
@@ -632,8 +632,8 @@ ps -o rss= -p "$pid""#;
             "read the probe result",
             &["GET", &key],
         );
-        // Bounded by PROBE_TIMEOUT; each round trip is one GET.
-        while started.elapsed() < PROBE_TIMEOUT {
+        // Bounded by the probe timeout; each round trip is one GET.
+        while started.elapsed() < self.probe_timeout {
             let value = run(remote, &get).await?;
             let value = value.trim();
             if !value.is_empty() {
@@ -667,7 +667,7 @@ ps -o rss= -p "$pid""#;
             "job {id} pushed to {} was not processed within {} s{removed}; look at \
              `journalctl -u {}` on the worker hosts",
             app.queue,
-            PROBE_TIMEOUT.as_secs(),
+            self.probe_timeout.as_secs(),
             worker_paths::UNIT
         )
         .into())
