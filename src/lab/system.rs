@@ -164,24 +164,27 @@ pub(crate) fn is_process_running(pid: u32, start_time: u64) -> bool {
     }
 }
 
-/// Lists the processes whose root directory is at or below `dir`, or that have an argument
-/// naming a path at or below it, such as debootstrap and its downloads into a new root.
-pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
+/// Lists every process as its id and its directory under /proc.
+fn process_dirs() -> Vec<(u32, std::path::PathBuf)> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+        .collect()
+}
+
+/// Lists the processes whose root directory is at or below `dir`, or that have an argument
+/// naming a path at or below it, such as debootstrap and its downloads into a new root.
+pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let rooted =
-            fs::read_link(entry.path().join("root")).is_ok_and(|root| root.starts_with(dir));
-        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+    for (pid, proc_dir) in process_dirs() {
+        let rooted = fs::read_link(proc_dir.join("root")).is_ok_and(|root| root.starts_with(dir));
+        let cmdline = fs::read(proc_dir.join("cmdline")).unwrap_or_default();
         let names_dir = cmdline
             .split(|byte| *byte == 0)
             .any(|arg| Path::new(OsStr::from_bytes(arg)).starts_with(dir));
@@ -202,20 +205,10 @@ pub(crate) fn container_processes_in_netns(netns_path: &Path) -> Vec<u32> {
         return Vec::new();
     };
     let own_pid_namespace = namespace_id(Path::new("/proc/self/ns/pid"));
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let in_netns = namespace_id(&entry.path().join("ns/net")) == Some(netns);
-        if in_netns && namespace_id(&entry.path().join("ns/pid")) != own_pid_namespace {
+    for (pid, proc_dir) in process_dirs() {
+        let in_netns = namespace_id(&proc_dir.join("ns/net")) == Some(netns);
+        if in_netns && namespace_id(&proc_dir.join("ns/pid")) != own_pid_namespace {
             pids.push(pid);
         }
     }
