@@ -339,6 +339,7 @@ fn lab_apply_verify_and_roll_back() {
 
     let restored = deploy(&["--lab", "--format", "json", "apply"]);
     assert_eq!(restored.status.code(), Some(0), "{:#}", json(&restored));
+    stopped_worker_fails_its_checks();
     let final_verify = deploy(&["--lab", "--format", "json", "verify"]);
     assert_eq!(
         final_verify.status.code(),
@@ -572,4 +573,92 @@ fn changed_host_key_is_refused() {
         stdout.contains("host key of worker (192.168.120.45) does not match"),
         "{stdout}"
     );
+}
+
+/// The ids of the checks of `report` that did not pass, as `host/id`.
+fn failed_checks(report: &Value) -> Vec<String> {
+    let mut failed: Vec<String> = report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .flat_map(|host| {
+            host["checks"]
+                .as_array()
+                .expect("checks")
+                .iter()
+                .filter(|check| check["status"] != "pass")
+                .map(move |check| {
+                    format!(
+                        "{}/{}",
+                        host["name"].as_str().unwrap(),
+                        check["id"].as_str().unwrap()
+                    )
+                })
+        })
+        .collect();
+    failed.sort();
+    failed
+}
+
+/// A stopped worker turns exactly the checks that depend on it red, and apply starts it again.
+fn stopped_worker_fails_its_checks() {
+    let stop = deploy(&[
+        "lab",
+        "ssh",
+        "worker",
+        "sudo",
+        "systemctl",
+        "stop",
+        "yametee-worker",
+    ]);
+    assert_eq!(stop.status.code(), Some(0), "stopping the worker failed");
+
+    let verify = deploy(&[
+        "--lab",
+        "--format",
+        "json",
+        "verify",
+        "--probe-timeout",
+        "3",
+    ]);
+    assert_eq!(
+        verify.status.code(),
+        Some(1),
+        "verify passed with the worker stopped"
+    );
+    let report = json(&verify);
+    assert_eq!(report["ok"], false);
+    assert_eq!(
+        failed_checks(&report),
+        vec![
+            "web/e2e.probe-job",
+            "worker/unit.yametee-worker",
+            "worker/worker.memory",
+            "worker/worker.startup-log",
+        ],
+        "{report:#}"
+    );
+
+    let apply = deploy(&["--lab", "--format", "json", "apply"]);
+    let report = json(&apply);
+    assert_eq!(apply.status.code(), Some(0), "{report:#}");
+    let worker = host(&report, "worker");
+    assert_eq!(
+        worker["restarted"],
+        serde_json::json!([]),
+        "a stopped unit is started, not restarted: {worker:#}"
+    );
+    let actions: Vec<String> = worker["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|change| {
+            format!(
+                "{} {}",
+                change["action"].as_str().unwrap(),
+                change["target"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(actions, vec!["start yametee-worker.service"], "{worker:#}");
 }
