@@ -88,8 +88,8 @@ pub async fn apply_host(
         record_pending_restarts(remote, &restarts).await?;
     }
 
-    // ufw is a Python program started once per rule, so synchronising the firewall is slow;
-    // it touches nothing the other steps use, so it runs beside them.
+    // ufw is a Python program started once per rule, so synchronising the firewall is slow.
+    // It touches nothing the other steps use, so it runs beside them.
     let (firewall, others): (Vec<&Step>, Vec<&Step>) = plan
         .steps
         .iter()

@@ -92,7 +92,7 @@ fn psql_as_postgres() -> RemoteCommand {
     .as_user("postgres")
 }
 
-/// What [`read_state`] found.
+/// State of the application's role and database, as [`read_state`] read it.
 struct AccessState {
     server_up: bool,
     role_exists: bool,

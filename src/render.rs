@@ -39,7 +39,7 @@ pub const POSTGRES_UNIT: &str = "postgresql.service";
 /// Rendered ufw rules of the host, the input `apply` synchronises ufw with.
 pub const UFW_RULES_FILE: &str = "/etc/yametee/ufw.rules";
 
-/// What has to happen on a host after a file changed.
+/// Action a host needs after one of its files changed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(tag = "kind", content = "unit", rename_all = "kebab-case")]
 pub enum Trigger {

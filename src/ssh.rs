@@ -106,8 +106,8 @@ impl RemoteCommand {
         self
     }
 
-    /// The command line sent to the host's shell. `login_user` decides whether root needs
-    /// `sudo -n`.
+    /// Builds the command line sent to the host's shell. `login_user` decides whether root
+    /// needs `sudo -n`.
     pub fn to_shell(&self, login_user: &str, use_sudo: bool) -> String {
         let mut words: Vec<String> = Vec::new();
         match &self.run_as {
@@ -130,8 +130,8 @@ impl RemoteCommand {
             .join(" ")
     }
 
-    /// A short form for messages: the label of a script, or the program and its first
-    /// arguments.
+    /// Returns a short form for messages: the label of a script, or the program and its
+    /// first arguments.
     pub fn summary(&self) -> String {
         if let Some(label) = &self.label {
             return label.clone();
@@ -150,7 +150,7 @@ impl RemoteCommand {
     }
 }
 
-/// What a finished remote command returned.
+/// Exit status and output of a finished remote command.
 #[derive(Debug, Clone)]
 pub struct CommandOutput {
     pub status: Option<i32>,
@@ -224,12 +224,12 @@ pub enum SshError {
     },
 }
 
-/// What ssh reported about a host key that differs from the pinned one.
+/// Report from ssh about a host key that differs from the pinned one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostKeyChange {
     /// The key the host sent, such as `ED25519 key SHA256:…`.
     pub fingerprint: String,
-    /// Where the pinned key is, such as `/path/known_hosts:4`.
+    /// Location of the pinned key, such as `/path/known_hosts:4`.
     pub offending: String,
     pub known_hosts: String,
 }
@@ -512,7 +512,7 @@ fn describe_status(status: Option<i32>) -> String {
     }
 }
 
-/// The message of `error` and of every cause under it, one after another.
+/// Joins the message of `error` and of every cause under it, one per line.
 fn error_text(error: &openssh::Error) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
@@ -533,7 +533,7 @@ fn is_sudo_password_prompt(stderr: &str) -> bool {
         || stderr.contains("sudo: a terminal is required")
 }
 
-/// The last `count` non-empty lines of `text`, joined by "; ", for error messages.
+/// Returns the last `count` non-empty lines of `text`, joined by "; ", for error messages.
 pub fn last_lines(text: &str, count: usize) -> String {
     let lines: Vec<&str> = text
         .lines()

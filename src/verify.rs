@@ -103,7 +103,7 @@ pub fn check_selected(id: &str, only: &[String]) -> bool {
         })
 }
 
-/// Why a check did not pass.
+/// Reason a check did not pass.
 enum NotPassed {
     Fail(String),
     /// The check could not be run meaningfully, for a reason that is not a fault of the host.

@@ -151,25 +151,11 @@ fn lab_apply_verify_and_roll_back() {
 
     let verify = deploy(&["--lab", "--format", "json", "verify"]);
     let report = json(&verify);
-    let failed: Vec<String> = report["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .flat_map(|host| {
-            host["checks"]
-                .as_array()
-                .expect("checks")
-                .iter()
-                .filter(|check| check["status"] != "pass")
-                .map(move |check| {
-                    format!(
-                        "{} {}: {} ({})",
-                        host["name"], check["id"], check["status"], check["detail"]
-                    )
-                })
-        })
-        .collect();
-    assert!(failed.is_empty(), "checks that did not pass: {failed:#?}");
+    let failed = failed_checks(&report);
+    assert!(
+        failed.is_empty(),
+        "checks that did not pass: {failed:?}\n{report:#}"
+    );
     assert_eq!(verify.status.code(), Some(0));
     assert_eq!(report["ok"], true);
     let check_ids: Vec<&str> = report["hosts"]
