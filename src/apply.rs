@@ -88,18 +88,66 @@ pub async fn apply_host(
         record_pending_restarts(remote, &restarts).await?;
     }
 
-    // ufw is a Python program started once per rule, so synchronising the firewall is slow.
-    // It touches nothing the other steps use, so it runs beside them.
-    let (firewall, others): (Vec<&Step>, Vec<&Step>) = plan
+    // Three lanes run side by side, as none uses what another changes. ufw is a Python
+    // program started once per rule, so synchronising the firewall is slow. `systemctl
+    // enable` of a unit with a SysV script runs Debian's update-rc.d, slow too; it goes
+    // beside the rest unless a unit file changed, when it needs the daemon-reload first.
+    let unit_files_change = plan
         .steps
         .iter()
-        .partition(|step| step.change().kind == "firewall");
-    let (firewall, others) = tokio::join!(
+        .any(|step| matches!(step, Step::DaemonReload));
+    let mut firewall = Vec::new();
+    let mut enable = Vec::new();
+    let mut prepare = Vec::new();
+    let mut activate = Vec::new();
+    for step in &plan.steps {
+        match step {
+            _ if step.change().kind == "firewall" => firewall.push(step),
+            Step::EnableService(_) if !unit_files_change => enable.push(step),
+            Step::Restart(_) | Step::Start(_) | Step::Reload(_) => activate.push(step),
+            _ => prepare.push(step),
+        }
+    }
+    // The role and database are made on the running server while the files are written,
+    // rather than after the restart; a server not running yet is handled after the steps.
+    let is_postgres = inventory.postgres_host().name == remote.host();
+    let database_first = is_postgres
+        && !plan.database_changes.is_empty()
+        && !crate::postgres::waits_for_server(&plan.database_changes);
+    let database = async {
+        if database_first {
+            crate::postgres::ensure_access(remote, inventory, secrets, false).await
+        } else {
+            Ok(Vec::new())
+        }
+    };
+    let services = async {
+        let (database, mut run) =
+            tokio::join!(database, run_steps(remote, &prepare, inventory, worker));
+        if run.failure.is_none() {
+            if let Err(error) = &database {
+                tracing::debug!(host = %remote.host(), %error, "role and database not made");
+            } else {
+                let restarts = run_steps(remote, &activate, inventory, worker).await;
+                run.done.extend(restarts.done);
+                run.failure = restarts.failure;
+            }
+        }
+        (database, run)
+    };
+    let (firewall, enabled, (database, others)) = tokio::join!(
         run_steps(remote, &firewall, inventory, worker),
-        run_steps(remote, &others, inventory, worker),
+        run_steps(remote, &enable, inventory, worker),
+        services,
     );
 
-    let mut done: Vec<&Step> = firewall.done.iter().chain(&others.done).copied().collect();
+    let mut done: Vec<&Step> = firewall
+        .done
+        .iter()
+        .chain(&enabled.done)
+        .chain(&others.done)
+        .copied()
+        .collect();
     done.sort_by_key(|step| {
         plan.steps
             .iter()
@@ -149,9 +197,10 @@ pub async fn apply_host(
         Some((_, error)) => return Err(error),
         None => {}
     }
-    if let Some((_, error)) = firewall.failure {
+    if let Some((_, error)) = firewall.failure.or(enabled.failure) {
         return Err(error);
     }
+    report.changes.extend(database?);
 
     let installed_release = plan
         .steps
@@ -162,7 +211,7 @@ pub async fn apply_host(
     }
 
     // The check ran while planning; it runs again only when something may have changed it.
-    if inventory.postgres_host().name == remote.host() && !plan.is_empty() {
+    if is_postgres && !plan.is_empty() && !database_first {
         let changes = crate::postgres::ensure_access(remote, inventory, secrets, false).await?;
         report.changes.extend(changes);
     }

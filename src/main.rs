@@ -46,12 +46,19 @@ fn init_logging() {
         return;
     }
     let colour = terminal && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
+    let lines = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(colour)
         .with_target(false)
-        .without_time()
-        .compact()
-        .init();
+        .compact();
+    // Who sets RUST_LOG is looking into where the time goes: give each line the seconds since
+    // the start. Plain progress lines stay free of it.
+    if explicit_filter {
+        lines
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .init();
+    } else {
+        lines.without_time().init();
+    }
 }

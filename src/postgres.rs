@@ -6,6 +6,17 @@ use crate::plan::Change;
 use crate::secrets::Secrets;
 use crate::ssh::{Remote, RemoteCommand, SshError};
 
+/// Action of the planned change when the server was not running, so nothing could be checked.
+const WAIT_FOR_SERVER: &str = "ensure";
+
+/// Whether `planned` says the server was not running when planned: the role and database
+/// can then only be made once apply has started it.
+pub fn waits_for_server(planned: &[Change]) -> bool {
+    planned
+        .iter()
+        .any(|change| change.action == WAIT_FOR_SERVER)
+}
+
 /// Checks the role, its password and the database; unless `dry_run`, fixes what is missing.
 /// Returns the changes made (or, in a dry run, those that would be).
 pub async fn ensure_access(
@@ -26,7 +37,7 @@ pub async fn ensure_access(
                 "role {} and database {} (checked once the server runs)",
                 database.user, database.name
             ),
-            action: "ensure".into(),
+            action: WAIT_FOR_SERVER.into(),
         }]);
     }
     let AccessState {

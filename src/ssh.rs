@@ -2,7 +2,7 @@
 //! argv and quoted by one helper, `sudo -n` for root, and a timeout on every command.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
 use tokio::io::AsyncWriteExt;
@@ -431,6 +431,7 @@ impl Remote {
     pub async fn output(&self, command: &RemoteCommand) -> Result<CommandOutput, SshError> {
         let line = command.to_shell(&self.destination.user, self.destination.sudo);
         tracing::debug!(host = %self.destination.host, command = %command.summary(), "run");
+        let started = Instant::now();
         let run = async {
             let _session = self
                 .sessions
@@ -465,6 +466,12 @@ impl Remote {
                 })
             }
         };
+        tracing::debug!(
+            host = %self.destination.host,
+            command = %command.summary(),
+            ms = started.elapsed().as_millis() as u64,
+            "finished"
+        );
         let result = CommandOutput {
             status: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
