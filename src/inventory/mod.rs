@@ -5,6 +5,7 @@
 //! `inventory check` lists them all.
 
 mod parse;
+mod suggest;
 
 use std::collections::BTreeMap;
 use std::fmt;
