@@ -130,7 +130,8 @@ pub enum JobCommand {
 pub enum InventoryCommand {
     /// Check the inventory and report every problem with its line and column.
     Check,
-    /// Print the validated inventory, with defaults filled in.
+    /// Print the validated inventory with defaults filled in and secrets as references: a
+    /// summary, or with --format json the whole model.
     Show,
     /// Append a host after the last host, in the style of the hosts already there, and print
     /// the diff. Comments and formatting elsewhere are kept.
@@ -522,12 +523,13 @@ fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal>
             names.len(),
             names.join(", ")
         ),
-        (InventoryCommand::Show, _) => {
+        (InventoryCommand::Show, Format::Json) => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&inventory).expect("inventory serializes")
             );
         }
+        (InventoryCommand::Show, _) => print!("{}", report::inventory_summary(&inventory)),
         _ => unreachable!("edit commands return above"),
     }
     Ok(exit::SUCCESS)
