@@ -140,11 +140,12 @@ pub fn add_host(text: &str, host: &NewHost) -> Result<String, EditError> {
 
     let last_line = source.entry_end(template);
     let position = source.line_end(last_line);
-    let mut new_text = String::with_capacity(text.len() + insertion.len() + 1);
-    new_text.push_str(&text[..position]);
-    if !new_text.is_empty() && !new_text.ends_with('\n') {
-        new_text.push('\n');
+    if !text[..position].ends_with('\n') {
+        insertion.insert(0, '\n');
     }
+    let insertion = source.with_line_endings(insertion);
+    let mut new_text = String::with_capacity(text.len() + insertion.len());
+    new_text.push_str(&text[..position]);
     new_text.push_str(&insertion);
     new_text.push_str(&text[position..]);
     validated(new_text)
@@ -539,6 +540,18 @@ impl<'a> Source<'a> {
 
     fn entry_end(&self, entry: &HostEntry) -> usize {
         self.entry_end_of(entry.key, entry.value)
+    }
+
+    /// Converts the `\n` line endings of new lines to `\r\n` when the file's first line ends
+    /// with `\r\n`, so an edit does not mix line endings.
+    fn with_line_endings(&self, lines: String) -> String {
+        let first_line_end = self.text.find('\n');
+        let uses_crlf = first_line_end.is_some_and(|end| self.text[..end].ends_with('\r'));
+        if uses_crlf {
+            lines.replace('\n', "\r\n")
+        } else {
+            lines
+        }
     }
 
     /// Returns the smallest indentation greater than zero of any content line, used as the
@@ -1065,7 +1078,7 @@ fn create_key(
         if !source.text[..position].ends_with('\n') {
             text.insert(0, '\n');
         }
-        (position, text)
+        (position, source.with_line_endings(text))
     };
 
     let mut new_text = String::with_capacity(source.text.len() + insertion.len());
@@ -1242,6 +1255,18 @@ hosts:
         let edited = add_host(original, &host).unwrap();
         let expected = format!(
             "{original}  worker-2: {{address: 10.0.0.5, roles: [worker], ssh: {{port: 2200}}}}\n"
+        );
+        assert_eq!(edited, expected);
+    }
+
+    #[test]
+    fn add_host_keeps_crlf_line_endings() {
+        let original = "app:\r\n  database: {name: db, user: app, password: {env: PG}}\r\n  \
+                        redis: {password: {env: REDIS}}\r\nhosts:\r\n  data:\r\n    \
+                        address: 10.0.0.2\r\n    roles: [postgres, redis]";
+        let edited = add_host(original, &worker_2()).unwrap();
+        let expected = format!(
+            "{original}\r\n  worker-2:\r\n    address: 10.0.0.5\r\n    roles: [worker]\r\n"
         );
         assert_eq!(edited, expected);
     }
