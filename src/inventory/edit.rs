@@ -979,19 +979,16 @@ fn scalar_end(source: &Source, node: &Node) -> usize {
     let mut characters = rest.char_indices();
     match characters.next() {
         Some((_, '\'')) => {
-            let mut escaped_quote = false;
+            // Inside single quotes, `''` is an escaped quote, not the end.
+            let mut characters = characters.peekable();
             while let Some((index, character)) = characters.next() {
-                if escaped_quote {
-                    escaped_quote = false;
+                if character != '\'' {
                     continue;
                 }
-                if character == '\'' {
-                    if rest[index + 1..].starts_with('\'') {
-                        escaped_quote = true;
-                        continue;
-                    }
-                    return start + index + 1;
+                if characters.next_if(|(_, next)| *next == '\'').is_some() {
+                    continue;
                 }
+                return start + index + 1;
             }
             fallback
         }
@@ -1055,7 +1052,7 @@ fn create_key(
         }
         (close, text)
     } else {
-        let Some((last_key, last_value)) = entries.iter().last() else {
+        let Some((last_key, last_value)) = entries.iter().next_back() else {
             return Err(unknown_path());
         };
         let child_indent = last_key.span.start.col();
@@ -1420,6 +1417,20 @@ hosts:
         let expected = COMMENTED.replace(
             "queue: 'yametee:jobs'   # quoted on purpose",
             "queue: jobs:v2   # quoted on purpose",
+        );
+        assert_eq!(edited, expected);
+    }
+
+    #[test]
+    fn set_replaces_scalar_with_escaped_quote() {
+        let original = COMMENTED.replace(
+            "start_command:   # filled in at launch",
+            "start_command: 'it''s # not a comment' # a comment",
+        );
+        let edited = set_value(&original, "app.web.start_command", "npm start").unwrap();
+        let expected = COMMENTED.replace(
+            "start_command:   # filled in at launch",
+            "start_command: npm start # a comment",
         );
         assert_eq!(edited, expected);
     }
