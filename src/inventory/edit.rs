@@ -6,9 +6,10 @@
 //! inventory validator before it is returned, and [`write_atomically`] replaces the file with
 //! a rename, so a rejected or interrupted edit leaves the file as it was.
 //!
-//! Only block-style mappings can gain or lose hosts and keys. A `hosts` mapping written in
-//! flow style (`hosts: {web: {...}}`) is rejected with a message, as are block scalars (`|`,
-//! `>`) as the target of `set`.
+//! Hosts are added to and removed from a block-style `hosts` mapping only. A `hosts` mapping
+//! written in flow style (`hosts: {web: {...}}`) is rejected with a message, as are block
+//! scalars (`|`, `>`) and block lists as the target of `set`. An empty value (`web:` with
+//! nothing after it) can be set, but no key is created under it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -75,6 +76,12 @@ pub enum EditError {
     },
     #[error("{path} is {kind}; `set` replaces a scalar value, or a flow list such as [worker, web] with another")]
     NotScalar { path: String, kind: &'static str },
+    #[error("{path} is {kind}, not a mapping, so it has no key `{key}`")]
+    NotMapping {
+        path: String,
+        kind: &'static str,
+        key: String,
+    },
     #[error("{path} cannot be edited with `set`: {reason}; edit it by hand")]
     Unsupported { path: String, reason: String },
     #[error("invalid VALUE `{value}`: {reason}")]
@@ -222,9 +229,10 @@ pub fn set_value(text: &str, path: &str, value: &str) -> Result<String, EditErro
     for (depth, key) in keys.iter().enumerate() {
         let parent_path = keys[..depth].join(".");
         let YamlDataOwned::Mapping(mapping) = &node.data else {
-            return Err(EditError::NotScalar {
+            return Err(EditError::NotMapping {
                 path: parent_path,
                 kind: kind_of(node),
+                key: key.to_string(),
             });
         };
         let found = mapping
@@ -1019,9 +1027,10 @@ fn create_key(
     value: &NewValue,
 ) -> Result<String, EditError> {
     let YamlDataOwned::Mapping(entries) = &parent.data else {
-        return Err(EditError::NotScalar {
+        return Err(EditError::NotMapping {
             path: parent_path.to_string(),
             kind: kind_of(parent),
+            key: keys[0].to_string(),
         });
     };
     let known: Vec<String> = entries.keys().filter_map(scalar_string).collect();
@@ -1578,6 +1587,8 @@ hosts:
         assert!(matches!(error, EditError::InvalidValue { .. }), "{error}");
         let error = set_value(COMMENTED, "app.queue", "a\nb").unwrap_err();
         assert!(matches!(error, EditError::InvalidValue { .. }), "{error}");
+        let error = set_value(COMMENTED, "app.queue.name", "x").unwrap_err();
+        assert!(matches!(error, EditError::NotMapping { .. }), "{error}");
         let error = set_value(COMMENTED, "app..queue", "x").unwrap_err();
         assert!(
             matches!(error, EditError::InvalidArgument { .. }),
