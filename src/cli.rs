@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::deploy::{error_chain, Deployment};
+use crate::inventory::edit::{self, EditError, NewHost};
 use crate::inventory::{Inventory, InventoryError, SecretRef};
 use crate::lab::{self, LabContext, LabHost, LabSpec};
 use crate::plan::WorkerBinary;
@@ -129,8 +130,55 @@ pub enum JobCommand {
 pub enum InventoryCommand {
     /// Check the inventory and report every problem with its line and column.
     Check,
-    /// Print the validated inventory, with defaults filled in.
+    /// Print the validated inventory with defaults filled in and secrets as references: a
+    /// summary, or with --format json the whole model.
     Show,
+    /// Append a host after the last host, in the style of the hosts already there, and print
+    /// the diff. Comments and formatting elsewhere are kept.
+    AddHost {
+        /// Host name: lowercase letters, digits and '-'.
+        name: String,
+        /// IPv4 address the host is reached at.
+        #[arg(long, value_name = "IP")]
+        address: String,
+        /// Role of the host: postgres, redis, worker or web (repeated or comma-separated).
+        #[arg(
+            long = "role",
+            value_name = "ROLE",
+            required = true,
+            value_delimiter = ','
+        )]
+        roles: Vec<String>,
+        /// SSH user, when it differs from defaults.ssh.user.
+        #[arg(long, value_name = "USER")]
+        ssh_user: Option<String>,
+        /// SSH port, when it differs from defaults.ssh.port.
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// Print the diff without writing the file.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove a host with the comment lines directly above it, and print the diff.
+    RemoveHost {
+        /// Host name.
+        name: String,
+        /// Print the diff without writing the file.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Set one value, keeping a comment after it, and print the diff. A missing key is
+    /// created under the mapping that contains it.
+    Set {
+        /// Dotted keys, such as app.worker.concurrency or hosts.worker.address.
+        path: String,
+        /// New value, read as a YAML scalar (quote it, as '"8"', to keep a string that looks
+        /// like another type), or a flow list such as [worker,web] for roles.
+        value: String,
+        /// Print the diff without writing the file.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -414,6 +462,37 @@ async fn push_job(
 }
 
 fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal> {
+    match command {
+        InventoryCommand::Check | InventoryCommand::Show => {}
+        InventoryCommand::AddHost {
+            name,
+            address,
+            roles,
+            ssh_user,
+            port,
+            dry_run,
+        } => {
+            let host = NewHost {
+                name: name.clone(),
+                address: address.clone(),
+                roles: roles.clone(),
+                ssh_user: ssh_user.clone(),
+                ssh_port: *port,
+            };
+            return edit_inventory(cli, *dry_run, |text| edit::add_host(text, &host));
+        }
+        InventoryCommand::RemoveHost { name, dry_run } => {
+            return edit_inventory(cli, *dry_run, |text| edit::remove_host(text, name));
+        }
+        InventoryCommand::Set {
+            path,
+            value,
+            dry_run,
+        } => {
+            return edit_inventory(cli, *dry_run, |text| edit::set_value(text, path, value));
+        }
+    }
+
     let inventory = match Inventory::load(&cli.inventory) {
         Ok(inventory) => inventory,
         Err(InventoryError::Invalid { problems, .. }) if cli.format == Format::Json => {
@@ -444,13 +523,73 @@ fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal>
             names.len(),
             names.join(", ")
         ),
-        (InventoryCommand::Show, _) => {
+        (InventoryCommand::Show, Format::Json) => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&inventory).expect("inventory serializes")
             );
         }
+        (InventoryCommand::Show, _) => print!("{}", report::inventory_summary(&inventory)),
+        _ => unreachable!("edit commands return above"),
     }
+    Ok(exit::SUCCESS)
+}
+
+/// Reads the inventory, applies `edit` to its text, prints the diff and, unless `dry_run`,
+/// replaces the file. A rejected edit is a usage error (exit code 2) and writes nothing.
+fn edit_inventory(
+    cli: &Cli,
+    dry_run: bool,
+    edit: impl FnOnce(&str) -> Result<String, EditError>,
+) -> Result<u8, Fatal> {
+    let path = &cli.inventory;
+    let old_text = std::fs::read_to_string(path).map_err(|error| {
+        Fatal::usage(format!("cannot read inventory {}: {error}", path.display()))
+    })?;
+    let rejected = |error: EditError| {
+        let fatal = Fatal {
+            code: if error.is_usage() {
+                exit::USAGE
+            } else {
+                exit::FAILURE
+            },
+            message: error_chain(&error),
+            hint: None,
+        };
+        fatal.hint(format!("{} was not changed", path.display()))
+    };
+    let new_text = edit(&old_text).map_err(rejected)?;
+
+    let label = path.display().to_string();
+    let diff = edit::unified_diff(&label, &old_text, &new_text);
+    let changed = !diff.is_empty();
+    let write = changed && !dry_run;
+    if write {
+        edit::write_atomically(path, &old_text, &new_text).map_err(rejected)?;
+    }
+
+    match cli.format {
+        Format::Json => {
+            let document = serde_json::json!({
+                "ok": true,
+                "path": label,
+                "changed": changed,
+                "written": write,
+                "diff": diff,
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&document).expect("edit result serializes")
+            );
+        }
+        _ => print!("{diff}"),
+    }
+    let outcome = match (changed, dry_run) {
+        (false, _) => "unchanged (the edit changes nothing)",
+        (true, true) => "not written (--dry-run)",
+        (true, false) => "written",
+    };
+    eprintln!("{label}: {outcome}");
     Ok(exit::SUCCESS)
 }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::apply::{HostReport, Outcome};
 use crate::deploy::HostPlanReport;
+use crate::inventory::{Inventory, SshSettings};
 use crate::plan::Change;
 use crate::verify::{Status, VerifyReport};
 
@@ -318,6 +319,130 @@ fn junit_per_host<'a>(
     junit_text(&junit)
 }
 
+/// Formats the validated inventory for people: one aligned line per host, then the application
+/// settings with defaults filled in. Secrets appear as the variable or file they are read
+/// from, never as values.
+pub fn inventory_summary(inventory: &Inventory) -> String {
+    let rows: Vec<[String; 4]> = inventory
+        .hosts
+        .iter()
+        .map(|host| {
+            let roles: Vec<&str> = host.roles.iter().map(|role| role.as_str()).collect();
+            [
+                host.name.clone(),
+                host.address.to_string(),
+                roles.join(","),
+                ssh_summary(&host.ssh),
+            ]
+        })
+        .collect();
+    let header = ["HOST", "ADDRESS", "ROLES", "SSH"].map(String::from);
+    let mut widths = [0; 3];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut text = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let _ = writeln!(
+            text,
+            "{:<name_width$}  {:<address_width$}  {:<roles_width$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            name_width = widths[0],
+            address_width = widths[1],
+            roles_width = widths[2]
+        );
+    }
+
+    let app = &inventory.app;
+    let database = &app.database;
+    let worker = &app.worker;
+    let thresholds = &app.thresholds;
+    let settings = [
+        (
+            "database",
+            format!(
+                "{} owned by {}, port {}, PostgreSQL {}, password from {}",
+                database.name, database.user, database.port, database.version, database.password
+            ),
+        ),
+        (
+            "redis",
+            format!(
+                "port {}, maxmemory {}, password from {}",
+                app.redis.port,
+                app.redis.maxmemory.as_deref().unwrap_or("Redis's default"),
+                app.redis.password
+            ),
+        ),
+        ("queue", app.queue.clone()),
+        (
+            "worker",
+            format!(
+                "{}, concurrency {}, ready within {} s, memory budget {} MB",
+                worker.name, worker.concurrency, worker.ready_timeout_secs, worker.memory_budget_mb
+            ),
+        ),
+        (
+            "web",
+            match &app.web.start_command {
+                Some(command) => format!(
+                    "started with `{command}` in {}",
+                    app.web
+                        .working_directory
+                        .as_deref()
+                        .unwrap_or("the unit's default directory")
+                ),
+                None => "no start command, so no web unit is installed".into(),
+            },
+        ),
+        (
+            "smtp",
+            match &app.smtp {
+                Some(smtp) => format!(
+                    "relay URL from {}, sender {}",
+                    smtp.url,
+                    smtp.from.as_deref().unwrap_or("<worker name>@<host name>")
+                ),
+                None => {
+                    "no relay, so email:send jobs wait in retries, then go to the dead-letter list"
+                        .into()
+                }
+            },
+        ),
+        (
+            "thresholds",
+            format!(
+                "pending {}, in-flight {}, retry {}, dead {}",
+                thresholds.pending, thresholds.in_flight, thresholds.retry, thresholds.dead
+            ),
+        ),
+    ];
+    text.push('\n');
+    for (name, value) in settings {
+        let _ = writeln!(text, "{name:<10}  {value}");
+    }
+    text
+}
+
+fn ssh_summary(ssh: &SshSettings) -> String {
+    let mut text = format!("{}, port {}", ssh.user, ssh.port);
+    if ssh.sudo {
+        text.push_str(", sudo");
+    }
+    if let Some(identity) = &ssh.identity {
+        let _ = write!(text, ", key {}", identity.display());
+    }
+    if let Some(known_hosts) = &ssh.known_hosts {
+        let _ = write!(text, ", known_hosts {}", known_hosts.display());
+    }
+    text
+}
+
 /// A JUnit report with one failed test case, for a command that stopped before it could
 /// produce results.
 pub fn fatal_junit(message: &str) -> String {
@@ -391,6 +516,28 @@ mod tests {
             xml.contains(r#"<failure message="worker.memory detail""#),
             "{xml}"
         );
+    }
+
+    #[test]
+    fn inventory_summary_shows_references_not_secrets() {
+        let text = "app:\n  database: {name: db, user: app, password: {env: PG_PASSWORD}}\n  \
+                    redis: {password: {file: /run/secrets/redis}}\nhosts:\n  data: {address: \
+                    10.0.0.2, roles: [postgres, redis], ssh: {port: 2222}}\n";
+        let inventory = crate::inventory::parse_inventory(text).unwrap();
+        let summary = inventory_summary(&inventory);
+        assert!(
+            summary.contains("data  10.0.0.2  postgres,redis  deploy, port 2222, sudo\n"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("password from environment variable PG_PASSWORD"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("password from file /run/secrets/redis"),
+            "{summary}"
+        );
+        assert!(summary.contains("queue       yametee:jobs\n"), "{summary}");
     }
 
     #[test]

@@ -248,3 +248,276 @@ fn job_push_rejects_invalid_data() {
         assert!(stderr.contains("invalid job data"), "{data}: {stderr}");
     }
 }
+
+/// Copies the repository's inventory into a temporary directory, for commands that edit it.
+fn inventory_copy() -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inventory.yaml");
+    let original = std::fs::read_to_string(repository_inventory()).unwrap();
+    std::fs::write(&path, &original).unwrap();
+    (dir, path, original)
+}
+
+#[test]
+fn add_host_appends_worker_2() {
+    let (_dir, path, original) = inventory_copy();
+    let output = run(&[
+        "-i",
+        path.to_str().unwrap(),
+        "inventory",
+        "add-host",
+        "worker-2",
+        "--address",
+        "192.168.120.46",
+        "--role",
+        "worker",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+
+    let edited = std::fs::read_to_string(&path).unwrap();
+    let prefix = if original.ends_with('\n') { "" } else { "\n" };
+    let expected = format!(
+        "{original}{prefix}  worker-2:\n    address: 192.168.120.46\n    roles: [worker]\n"
+    );
+    assert_eq!(edited, expected);
+
+    let diff = text(&output.stdout);
+    assert!(diff.contains("\n+  worker-2:\n"), "{diff}");
+    assert!(diff.contains("\n+    address: 192.168.120.46\n"), "{diff}");
+    assert!(!diff.contains("\n-"), "only additions: {diff}");
+
+    let check = run(&["-i", path.to_str().unwrap(), "inventory", "check"]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+    assert!(
+        text(&check.stdout).contains("5 hosts"),
+        "{}",
+        text(&check.stdout)
+    );
+}
+
+#[test]
+fn remove_host_deletes_its_block() {
+    let (_dir, path, original) = inventory_copy();
+    let added = run(&[
+        "-i",
+        path.to_str().unwrap(),
+        "inventory",
+        "add-host",
+        "worker-2",
+        "--address",
+        "192.168.120.46",
+        "--role",
+        "worker",
+    ]);
+    assert_eq!(added.status.code(), Some(0), "{}", text(&added.stderr));
+
+    let output = run(&[
+        "-i",
+        path.to_str().unwrap(),
+        "inventory",
+        "remove-host",
+        "worker-2",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let diff = text(&output.stdout);
+    assert!(diff.contains("\n-  worker-2:\n"), "{diff}");
+    let edited = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(edited.trim_end(), original.trim_end());
+}
+
+#[test]
+fn set_replaces_value_in_place() {
+    let (_dir, path, original) = inventory_copy();
+    let output = run(&[
+        "-i",
+        path.to_str().unwrap(),
+        "inventory",
+        "set",
+        "app.worker.concurrency",
+        "8",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let edited = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        edited,
+        original.replace("    concurrency: 4\n", "    concurrency: 8\n")
+    );
+    let diff = text(&output.stdout);
+    assert!(
+        diff.contains("\n-    concurrency: 4\n+    concurrency: 8\n"),
+        "{diff}"
+    );
+}
+
+#[test]
+fn rejected_edits_exit_2_and_leave_file() {
+    let (_dir, path, original) = inventory_copy();
+    let path_arg = path.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "add-host",
+                "worker-2",
+                "--address",
+                "192.168.120.45",
+                "--role",
+                "worker",
+            ],
+            "is already the address of host `worker`",
+        ),
+        (
+            &[
+                "add-host",
+                "worker",
+                "--address",
+                "192.168.120.46",
+                "--role",
+                "worker",
+            ],
+            "host `worker` already exists",
+        ),
+        (
+            &["remove-host", "postgres"],
+            "no host has the role `postgres`",
+        ),
+        (
+            &["set", "hosts.worker.adress", "192.168.120.46"],
+            "did you mean `address`?",
+        ),
+        (
+            &["set", "app.worker.concurrency", "0"],
+            "expected a whole number from 1 to 64",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["-i", path_arg, "inventory"];
+        full.extend_from_slice(args);
+        let output = run(&full);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(stderr.contains("was not changed"), "{args:?}: {stderr}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            original,
+            "{args:?}"
+        );
+    }
+    let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+    assert_eq!(leftovers, 1, "no temporary file is left behind");
+}
+
+#[test]
+fn dry_run_prints_diff_writes_nothing() {
+    let (_dir, path, original) = inventory_copy();
+    let path_arg = path.to_str().unwrap();
+    let cases: [&[&str]; 3] = [
+        &[
+            "add-host",
+            "worker-2",
+            "--address",
+            "192.168.120.46",
+            "--role",
+            "worker",
+            "--dry-run",
+        ],
+        &["remove-host", "worker", "--dry-run"],
+        &["set", "app.queue", "yametee:jobs:v2", "--dry-run"],
+    ];
+    for args in cases {
+        let mut full = vec!["-i", path_arg, "inventory"];
+        full.extend_from_slice(args);
+        let output = run(&full);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+        let diff = text(&output.stdout);
+        assert!(diff.starts_with("--- "), "{args:?}: {diff}");
+        assert!(
+            text(&output.stderr).contains("not written (--dry-run)"),
+            "{args:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            original,
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn edit_result_as_json() {
+    let (_dir, path, original) = inventory_copy();
+    let output = run(&[
+        "-i",
+        path.to_str().unwrap(),
+        "--format",
+        "json",
+        "inventory",
+        "set",
+        "app.thresholds.dead",
+        "5",
+        "--dry-run",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    assert_eq!(document["ok"], true);
+    assert_eq!(document["changed"], true);
+    assert_eq!(document["written"], false);
+    let diff = document["diff"].as_str().unwrap();
+    assert!(diff.contains("+    dead: 5\n"), "{document}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), original);
+}
+
+#[test]
+fn inventory_show_formats() {
+    let inventory = repository_inventory();
+    let human = run(&["-i", inventory.to_str().unwrap(), "inventory", "show"]);
+    assert_eq!(human.status.code(), Some(0), "{}", text(&human.stderr));
+    let summary = text(&human.stdout);
+    assert!(summary.starts_with("HOST "), "{summary}");
+    assert!(
+        summary.contains("worker    192.168.120.45  worker    deploy, port 22, sudo\n"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("password from environment variable YAMETEE_PG_PASSWORD"),
+        "{summary}"
+    );
+
+    let json = run(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "--format",
+        "json",
+        "inventory",
+        "show",
+    ]);
+    assert_eq!(json.status.code(), Some(0), "{}", text(&json.stderr));
+    let document: serde_json::Value = serde_json::from_slice(&json.stdout).expect("stdout is JSON");
+    assert_eq!(document["hosts"][3]["name"], "worker");
+    assert_eq!(document["hosts"][3]["ssh"]["port"], 22);
+    assert_eq!(
+        document["app"]["database"]["password"]["env"],
+        "YAMETEE_PG_PASSWORD"
+    );
+}
+
+#[test]
+fn inventory_check_suggests_key() {
+    let (_dir, path, original) = inventory_copy();
+    let misspelt = original.replace("    address: 192.168.120.50", "    adress: 192.168.120.50");
+    std::fs::write(&path, misspelt).unwrap();
+    let output = run(&["-i", path.to_str().unwrap(), "inventory", "check"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown key `adress` in hosts.web; did you mean `address`?"),
+        "{stderr}"
+    );
+}

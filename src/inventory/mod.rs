@@ -4,7 +4,9 @@
 //! anywhere. Every problem in the file is collected with its line and column, so one run of
 //! `inventory check` lists them all.
 
+pub mod edit;
 mod parse;
+mod suggest;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
 
+use super::suggest::closest_match;
 use super::{
     App, Database, Host, Inventory, Problem, QueueThresholds, Redis, Role, SecretRef, Smtp,
     SshSettings, WebSettings, WorkerSettings,
@@ -460,10 +461,14 @@ impl Reader {
                     roles.insert(role);
                 }
                 None => {
-                    self.report(
-                        item,
-                        format!("unknown role `{text}` in {host_path}; {expected}"),
-                    );
+                    let role_names = Role::ALL.map(Role::as_str);
+                    let message = match closest_match(&text, role_names) {
+                        Some(role) => {
+                            format!("unknown role `{text}` in {host_path}; did you mean `{role}`?")
+                        }
+                        None => format!("unknown role `{text}` in {host_path}; {expected}"),
+                    };
+                    self.report(item, message);
                     valid = false;
                 }
             }
@@ -547,13 +552,14 @@ impl Reader {
                 } else {
                     format!("in {path}")
                 };
-                self.report(
-                    key,
-                    format!(
+                let message = match closest_match(&name, keys.iter().copied()) {
+                    Some(known) => format!("unknown key `{name}` {place}; did you mean `{known}`?"),
+                    None => format!(
                         "unknown key `{name}` {place}; expected one of: {}",
                         keys.join(", ")
                     ),
-                );
+                };
+                self.report(key, message);
                 continue;
             }
             entries.push((name, value));
@@ -731,7 +737,7 @@ impl Reader {
 }
 
 /// The text of a scalar node, whatever its YAML type; `None` for collections.
-fn scalar_string(node: &Node) -> Option<String> {
+pub(super) fn scalar_string(node: &Node) -> Option<String> {
     match &node.data {
         YamlDataOwned::Value(scalar) => Some(match scalar {
             ScalarOwned::Null => String::new(),
@@ -745,7 +751,7 @@ fn scalar_string(node: &Node) -> Option<String> {
     }
 }
 
-fn is_host_name(name: &str) -> bool {
+pub(super) fn is_host_name(name: &str) -> bool {
     let mut chars = name.chars();
     name.len() <= 63
         && chars.next().is_some_and(|c| c.is_ascii_lowercase())
@@ -753,7 +759,7 @@ fn is_host_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-fn is_unix_name(name: &str) -> bool {
+pub(super) fn is_unix_name(name: &str) -> bool {
     let mut chars = name.chars();
     name.len() <= 32
         && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
@@ -922,6 +928,22 @@ hosts:
         assert_eq!(
             found,
             vec!["14:21: role `worker` is listed twice in hosts.worker-1"]
+        );
+    }
+
+    #[test]
+    fn misspelt_key_and_role_get_suggestion() {
+        let text = VALID
+            .replace("    address: 10.0.0.3", "    adress: 10.0.0.3")
+            .replace("[worker]", "[wroker]");
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            vec![
+                "13:5: unknown key `adress` in hosts.worker-1; did you mean `address`?",
+                "13:5: missing key `address` in hosts.worker-1",
+                "14:13: unknown role `wroker` in hosts.worker-1; did you mean `worker`?",
+            ]
         );
     }
 
