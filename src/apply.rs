@@ -200,6 +200,9 @@ pub async fn apply_host(
     if let Some((_, error)) = firewall.failure.or(enabled.failure) {
         return Err(error);
     }
+    if let Some(rules) = &plan.firewall_record {
+        record_firewall(remote, rules).await?;
+    }
     report.changes.extend(database?);
 
     let installed_release = plan
@@ -219,6 +222,32 @@ pub async fn apply_host(
     if !restarts.is_empty() || !plan.is_empty() {
         clear_pending_restarts(remote).await?;
     }
+    Ok(())
+}
+
+/// Records the firewall as in sync with `rules`, under the checksum of ufw's state files as
+/// they are now, so the next run can skip reading ufw while nothing changed them.
+async fn record_firewall(remote: &Remote, rules: &[String]) -> Result<(), SshError> {
+    let script = format!(
+        r#"set -e
+mkdir -p -- "$(dirname -- "$1")"
+{{ {checksum}; cat; }} > "$1.new"
+mv -- "$1.new" "$1""#,
+        checksum = facts::UFW_CHECKSUM_SCRIPT
+    );
+    let mut content = String::new();
+    for rule in rules {
+        content.push_str(rule);
+        content.push('\n');
+    }
+    let command = RemoteCommand::script(
+        "record the firewall rules",
+        &script,
+        &[facts::FIREWALL_RECORD_FILE],
+    )
+    .stdin(content)
+    .as_root();
+    remote.run(&command).await?;
     Ok(())
 }
 

@@ -12,6 +12,16 @@ use crate::ssh::{Remote, RemoteCommand, SshError};
 /// writing a file and restarting its service restarts it on the next apply.
 pub const PENDING_RESTARTS_FILE: &str = "/var/lib/yametee-deploy/pending-restarts";
 
+/// Where apply records the firewall it left in sync: the checksum of ufw's own state files,
+/// then the rules, one per line. While the checksum still matches, the next run reads the
+/// rules from here instead of starting ufw, a Python program, twice.
+pub const FIREWALL_RECORD_FILE: &str = "/var/lib/yametee-deploy/firewall";
+
+/// Prints the checksum of ufw's state files: the rules ufw keeps, whether it is enabled and
+/// its default policies. Any change made with ufw changes one of them.
+pub const UFW_CHECKSUM_SCRIPT: &str = "cat /etc/ufw/user.rules /etc/ufw/user6.rules \
+  /etc/ufw/ufw.conf /etc/default/ufw 2>/dev/null | sha256sum | cut -d' ' -f1";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RemoteFile {
     pub mode: u32,
@@ -33,6 +43,9 @@ pub struct FirewallState {
     pub incoming_denied: bool,
     /// Rules as `ufw show added` lists them, without the leading `ufw`.
     pub rules: Vec<String>,
+    /// Whether this was read from the record of the last apply rather than from ufw.
+    #[serde(skip)]
+    pub from_record: bool,
 }
 
 /// CPU architecture and C library of a host, to check it can run the worker binary.
@@ -85,7 +98,10 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
     args.push("--");
     args.push(worker_paths::CURRENT_LINK);
 
-    let command = RemoteCommand::script("read the host's state", GATHER_SCRIPT, &args).as_root();
+    let script = GATHER_SCRIPT
+        .replace("@RECORD@", FIREWALL_RECORD_FILE)
+        .replace("@CHECKSUM@", UFW_CHECKSUM_SCRIPT);
+    let command = RemoteCommand::script("read the host's state", &script, &args).as_root();
     let output = remote.run(&command).await?;
     let mut facts = parse_gathered(&output, desired).map_err(|problem| SshError::Failed {
         host: remote.host().to_string(),
@@ -103,12 +119,20 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
 /// `--`, the system users, `--`, the units, `--`, the worker's `current` link. File contents and
 /// ufw's output are base64, so any byte survives.
 const GATHER_SCRIPT: &str = r#"set -u
-# ufw is a Python program that takes a good part of a second to start, so its two reports run
-# in the background while the rest is read.
+# ufw is a Python program that takes a good part of a second to start. While its state files
+# match the record of the last apply and its chains are loaded, the record is read instead;
+# otherwise its two reports run in the background while the rest is read.
 scratch=$(mktemp -d)
 trap 'rm -rf -- "$scratch"' EXIT
-ufw status verbose > "$scratch/status" 2>&1 &
-ufw show added > "$scratch/added" 2>&1 &
+record=@RECORD@
+if [ -r "$record" ] && [ "$(head -n 1 "$record")" = "$(@CHECKSUM@)" ] &&
+  iptables -n -L ufw-user-input > /dev/null 2>&1; then
+  recorded=1
+else
+  recorded=0
+  ufw status verbose > "$scratch/status" 2>&1 &
+  ufw show added > "$scratch/added" 2>&1 &
+fi
 while [ "$1" != -- ]; do
   if [ -e "$1" ]; then
     printf 'file\t%s\t%s\t' "$1" "$(stat -c '%a %U %G' -- "$1")"; base64 -w0 < "$1"; printf '\n'
@@ -137,8 +161,12 @@ while [ "$1" != -- ]; do
 done
 shift
 wait
-printf 'ufw-status\t'; base64 -w0 < "$scratch/status"; printf '\n'
-printf 'ufw-added\t'; base64 -w0 < "$scratch/added"; printf '\n'
+if [ "$recorded" = 1 ]; then
+  printf 'ufw-recorded\t'; tail -n +2 "$record" | base64 -w0; printf '\n'
+else
+  printf 'ufw-status\t'; base64 -w0 < "$scratch/status"; printf '\n'
+  printf 'ufw-added\t'; base64 -w0 < "$scratch/added"; printf '\n'
+fi
 printf 'machine\t%s\n' "$(uname -m)"
 printf 'glibc\t%s\n' "$(getconf GNU_LIBC_VERSION 2>/dev/null)"
 printf 'release\t%s\n' "$(readlink -- "$1" 2>/dev/null)"
@@ -159,6 +187,7 @@ fn parse_gathered(output: &str, desired: &DesiredHost) -> Result<HostFacts, Stri
     let mut installed: BTreeSet<String> = BTreeSet::new();
     let mut ufw_status = String::new();
     let mut ufw_added = String::new();
+    let mut recorded_rules = None;
 
     for line in output.lines().filter(|line| !line.is_empty()) {
         let fields: Vec<&str> = line.split('\t').collect();
@@ -191,6 +220,7 @@ fn parse_gathered(output: &str, desired: &DesiredHost) -> Result<HostFacts, Stri
             }
             ["ufw-status", text] => ufw_status = decode_base64(text)?,
             ["ufw-added", text] => ufw_added = decode_base64(text)?,
+            ["ufw-recorded", text] => recorded_rules = Some(decode_base64(text)?),
             ["machine", machine] => facts.platform.machine = machine.to_string(),
             ["glibc", text] => {
                 facts.platform.glibc = text.trim().strip_prefix("glibc ").map(String::from)
@@ -213,7 +243,16 @@ fn parse_gathered(output: &str, desired: &DesiredHost) -> Result<HostFacts, Stri
         .filter(|package| !installed.contains(*package))
         .cloned()
         .collect();
-    facts.firewall = parse_firewall(&ufw_status, &ufw_added);
+    facts.firewall = match recorded_rules {
+        // A record is only written for a firewall that was active and denied incoming.
+        Some(rules) => FirewallState {
+            active: true,
+            incoming_denied: true,
+            rules: rules.lines().map(String::from).collect(),
+            from_record: true,
+        },
+        None => parse_firewall(&ufw_status, &ufw_added),
+    };
     if let Some(Some(pending)) = facts.files.remove(PENDING_RESTARTS_FILE) {
         facts.pending_restarts = pending
             .content
@@ -272,6 +311,7 @@ fn parse_firewall(status: &str, added: &str) -> FirewallState {
         active,
         incoming_denied,
         rules,
+        from_record: false,
     }
 }
 
@@ -335,6 +375,19 @@ mod tests {
         assert_eq!(facts.firewall.rules, vec!["allow 22/tcp"]);
         assert_eq!(facts.platform.glibc.as_deref(), Some("2.36"));
         assert_eq!(facts.worker_release.as_deref(), Some("0123456789abcdef"));
+        assert!(!facts.firewall.from_record);
+
+        let recorded = format!(
+            "ufw-recorded\t{}\n",
+            encode("allow 22/tcp comment 'ssh'\nallow 80/tcp\n")
+        );
+        let facts = parse_gathered(&recorded, &desired).expect("parses");
+        assert!(facts.firewall.from_record && facts.firewall.active);
+        assert!(facts.firewall.incoming_denied);
+        assert_eq!(
+            facts.firewall.rules,
+            vec!["allow 22/tcp comment 'ssh'", "allow 80/tcp"]
+        );
     }
 
     #[test]

@@ -209,6 +209,9 @@ pub struct HostPlan {
     /// What the PostgreSQL role and database check expects apply to change; empty when they
     /// are in place or the host is not the postgres host.
     pub database_changes: Vec<Change>,
+    /// The rules to record on the host once its firewall is in sync, when the record is
+    /// missing or out of date; see [`crate::facts::FIREWALL_RECORD_FILE`].
+    pub firewall_record: Option<Vec<String>>,
 }
 
 impl HostPlan {
@@ -386,10 +389,14 @@ pub fn plan_host(
     }
     // A pending restart of a unit this host no longer manages is dropped with the pending file.
 
+    let firewall_changes = steps.iter().any(|step| step.change().kind == "firewall");
+    let firewall_record =
+        (firewall_changes || !facts.firewall.from_record).then(|| desired.firewall_rules.clone());
     HostPlan {
         host: desired.name.clone(),
         steps,
         database_changes: Vec::new(),
+        firewall_record,
     }
 }
 
@@ -463,6 +470,7 @@ mod tests {
             active: true,
             incoming_denied: true,
             rules: vec!["allow 22/tcp comment 'ssh'".into()],
+            from_record: true,
         };
         facts
     }
@@ -526,12 +534,30 @@ mod tests {
     }
 
     #[test]
+    fn firewall_is_recorded_when_read_from_ufw_or_changed() {
+        let mut facts = converged_facts();
+        assert_eq!(plan_host(&desired(), &facts, None).firewall_record, None);
+
+        facts.firewall.from_record = false;
+        let rules = desired().firewall_rules;
+        let plan = plan_host(&desired(), &facts, None);
+        assert!(plan.steps.is_empty());
+        assert_eq!(plan.firewall_record.as_ref(), Some(&rules));
+
+        facts.firewall.from_record = true;
+        facts.firewall.rules.clear();
+        let plan = plan_host(&desired(), &facts, None);
+        assert_eq!(plan.firewall_record, Some(rules));
+    }
+
+    #[test]
     fn firewall_adds_before_enable_and_deletes_extras() {
         let mut facts = converged_facts();
         facts.firewall = FirewallState {
             active: false,
             incoming_denied: false,
             rules: vec!["allow 6379/tcp".into()],
+            from_record: false,
         };
         let plan = plan_host(&desired(), &facts, None);
         assert_eq!(

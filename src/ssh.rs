@@ -166,6 +166,13 @@ impl CommandOutput {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
+    #[error("cannot write the ssh configuration for host {host} to {}", path.display())]
+    Config {
+        host: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot connect to host {host} ({destination})")]
     Connect {
         host: String,
@@ -280,6 +287,7 @@ pub struct Destination {
     pub known_hosts: Option<PathBuf>,
     pub sudo: bool,
     pub connect_timeout: Duration,
+    pub key_exchange: Option<String>,
 }
 
 /// Connection overrides that apply to every host, as set by `--lab`.
@@ -306,6 +314,7 @@ impl Destination {
                 .or_else(|| host.ssh.known_hosts.clone().map(expand_home)),
             sudo: host.ssh.sudo,
             connect_timeout: Duration::from_secs(host.ssh.connect_timeout_secs),
+            key_exchange: host.ssh.key_exchange.clone(),
         }
     }
 }
@@ -342,6 +351,30 @@ impl Remote {
             builder.user_known_hosts_file(known_hosts);
         }
 
+        // openssh passes no arbitrary `-o` option, so a chosen key exchange goes into a
+        // config file of its own that then includes the user's and the system's, as ssh
+        // would read them. The first value ssh obtains wins, so the chosen one does.
+        let config = match &destination.key_exchange {
+            Some(algorithms) => {
+                let path = std::env::temp_dir().join(format!(
+                    "yametee-deploy-{}-{}.ssh_config",
+                    std::process::id(),
+                    destination.host
+                ));
+                let text = format!(
+                    "KexAlgorithms {algorithms}\nInclude ~/.ssh/config\nInclude /etc/ssh/ssh_config\n"
+                );
+                std::fs::write(&path, text).map_err(|source| SshError::Config {
+                    host: destination.host.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
+                builder.config_file(&path);
+                Some(path)
+            }
+            None => None,
+        };
+
         let target = format!(
             "{}@{}:{}",
             destination.user, destination.address, destination.port
@@ -350,6 +383,10 @@ impl Remote {
         let limit = destination.connect_timeout + Duration::from_secs(10);
         let connected =
             tokio::time::timeout(limit, builder.connect_mux(&destination.address)).await;
+        if let Some(path) = config {
+            // The master connection read it when it started.
+            let _ = std::fs::remove_file(path);
+        }
         let session = match connected {
             Ok(Ok(session)) => session,
             Ok(Err(source)) => {

@@ -45,6 +45,10 @@ pub struct SshSettings {
     /// Whether commands that need root are run through `sudo -n`.
     pub sudo: bool,
     pub connect_timeout_secs: u64,
+    /// OpenSSH `KexAlgorithms` value, such as `curve25519-sha256`; `None` keeps ssh's default.
+    /// The default hybrid post-quantum exchange costs about ten times the CPU per connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_exchange: Option<String>,
 }
 
 /// What a host does in the deployment.

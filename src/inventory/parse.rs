@@ -131,6 +131,7 @@ impl Reader {
             known_hosts: None,
             sudo: true,
             connect_timeout_secs: default::CONNECT_TIMEOUT_SECS,
+            key_exchange: None,
         };
         let Some(defaults) = top.get("defaults") else {
             return builtin;
@@ -152,6 +153,7 @@ impl Reader {
             "known_hosts",
             "sudo",
             "connect_timeout_secs",
+            "key_exchange",
         ];
         let Some(ssh) = self.mapping(node, path, &keys) else {
             return base.clone();
@@ -173,7 +175,31 @@ impl Reader {
             connect_timeout_secs: self
                 .optional_integer(&ssh, "connect_timeout_secs", 1, 600)
                 .unwrap_or(base.connect_timeout_secs),
+            key_exchange: self
+                .optional_key_exchange(&ssh)
+                .or_else(|| base.key_exchange.clone()),
         }
+    }
+
+    /// A list of OpenSSH key exchange algorithm names separated by commas.
+    fn optional_key_exchange(&mut self, mapping: &Mapping) -> Option<String> {
+        let value = self.optional_string(mapping, "key_exchange")?;
+        let valid = value.split(',').all(|name| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-@.+".contains(c))
+        });
+        if valid {
+            return Some(value);
+        }
+        let node = mapping.get("key_exchange").expect("read above");
+        let path = mapping.child_path("key_exchange");
+        self.report(
+            node,
+            format!("{path} must be OpenSSH key exchange names separated by commas, such as curve25519-sha256"),
+        );
+        None
     }
 
     fn app(&mut self, node: &Node) -> Option<App> {
