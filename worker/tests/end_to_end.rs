@@ -716,7 +716,8 @@ async fn worker_processes_every_job_type() {
             let value: i64 = stats.get(key).await.unwrap();
             sum += value;
             let ttl: i64 = stats.ttl(key).await.unwrap();
-            assert!(ttl > 0 && ttl <= 3600, "{key} has TTL {ttl}");
+            assert!(ttl > 0, "{key} has TTL {ttl}");
+            assert!(ttl <= 3600, "{key} has TTL {ttl}");
         }
         assert_eq!(sum, counter(total).await, "{prefix}* against {total}");
     }
