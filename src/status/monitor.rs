@@ -197,7 +197,7 @@ impl<'a> Monitor<'a> {
 
         let address = RedisAddress::Unix(socket);
         let password = self.secrets.get("app.redis.password");
-        let connection = snapshot::connect(&address, &password)
+        let connection = snapshot::connect(&address, password)
             .await
             .map_err(|error| {
                 format!(

@@ -238,11 +238,14 @@ fn worker_row(worker: &WorkerInstance, hosts: &[WorkerHost]) -> [String; 6] {
 /// Formats a duration in milliseconds as `850 ms`, `4.2 s`, `12 min 5 s` or `3 h 7 min`.
 pub fn format_age(ms: i64) -> String {
     let secs = ms / 1000;
-    match ms {
-        ..1_000 => format!("{ms} ms"),
-        ..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
-        ..3_600_000 => format!("{} min {} s", secs / 60, secs % 60),
-        _ => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
+    if ms < 1_000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{} min {} s", secs / 60, secs % 60)
+    } else {
+        format!("{} h {} min", secs / 3600, secs % 3600 / 60)
     }
 }
 

@@ -164,6 +164,18 @@ pub struct WorkerInstance {
     pub concurrency: Option<u64>,
 }
 
+/// Replies of the counting transaction: queue length, retry set size, dead letter list
+/// length, the head job, the two totals, and the previous and current minute's processed
+/// and failed counts.
+type CountReplies = (
+    u64,
+    u64,
+    u64,
+    Option<String>,
+    (Option<u64>, Option<u64>),
+    (Option<u64>, Option<u64>, Option<u64>, Option<u64>),
+);
+
 /// Reads the state of `queue` and its workers. `expected_instances` are instances that
 /// should be running; each one is listed, dead when it has no heartbeat.
 pub async fn read_snapshot(
@@ -181,14 +193,7 @@ pub async fn read_snapshot(
     let retry = format!("{queue}:retry");
     let dead = format!("{queue}:dead");
     // One MULTI transaction, so that the counts belong to one moment.
-    let (waiting, retry_count, dead_count, head, totals, minutes): (
-        u64,
-        u64,
-        u64,
-        Option<String>,
-        (Option<u64>, Option<u64>),
-        (Option<u64>, Option<u64>, Option<u64>, Option<u64>),
-    ) = redis::pipe()
+    let (waiting, retry_count, dead_count, head, totals, minutes): CountReplies = redis::pipe()
         .atomic()
         .llen(queue)
         .zcard(&retry)
