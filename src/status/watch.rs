@@ -43,7 +43,7 @@ pub async fn run(mut monitor: Monitor<'_>, output: Output) -> u8 {
     let Some(interval) = output.watch else {
         let report = monitor.refresh().await;
         crate::progress::finish();
-        print(&render(&report, output.format, style, false));
+        let _ = print(&render(&report, output.format, style, false));
         monitor.close().await;
         return exit_code(&report);
     };
@@ -74,15 +74,18 @@ pub async fn run(mut monitor: Monitor<'_>, output: Output) -> u8 {
         }
 
         let text = render(&report, output.format, style, true);
-        if redraw {
+        let printed = if redraw {
             let header = format!("every {} s; Ctrl-C to stop\n\n", interval.as_secs_f64());
-            print(&in_place(&(header + &text), first));
+            print(&in_place(&(header + &text), first))
         } else if output.format == Format::Human && !first {
-            print(&format!("\n{text}"));
+            print(&format!("\n{text}"))
         } else {
-            print(&text);
-        }
+            print(&text)
+        };
         first = false;
+        if !printed {
+            break;
+        }
 
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
@@ -120,12 +123,11 @@ fn in_place(text: &str, first: bool) -> String {
     screen
 }
 
-fn print(text: &str) {
+/// Writes `text` to stdout and returns false when stdout is closed, as it is once the
+/// reader of `status --watch | head -n 20` exits.
+fn print(text: &str) -> bool {
     let mut stdout = std::io::stdout().lock();
-    // A closed pipe (`status --watch | head`) ends the output; the loop's next write fails
-    // the same way, and Ctrl-C still stops it.
-    let _ = stdout.write_all(text.as_bytes());
-    let _ = stdout.flush();
+    stdout.write_all(text.as_bytes()).is_ok() && stdout.flush().is_ok()
 }
 
 fn exit_code(report: &StatusReport) -> u8 {
