@@ -20,7 +20,8 @@ use crate::verify::Verifier;
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success: applied, all checks passed, or (plan --detailed-exitcode) in sync
-  1  a check failed, an apply failed or was rolled back, or a host could not be reached
+  1  a check failed, an apply failed or was rolled back, or a host could not be reached;
+     status: a worker is dead or Redis cannot be read
   2  usage error or invalid inventory; with plan --detailed-exitcode: changes pending";
 
 /// Deploys the yametee web platform, Redis, PostgreSQL and background workers from an
@@ -96,6 +97,25 @@ pub enum Command {
         #[arg(long, default_value_t = 20, value_name = "SECS",
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         probe_timeout: u64,
+    },
+    /// Show the queue (waiting, in flight, retry, dead, the oldest waiting job), the
+    /// processed and failed counts with their rates, each worker instance alive or dead and
+    /// the end of each worker host's journal. Redis is read through a worker host's SSH
+    /// connection. Exits 0 when every worker is alive, 1 when one is not, a worker host
+    /// cannot be reached or Redis cannot be read.
+    Status {
+        /// Refresh until Ctrl-C: redrawn in place on a terminal, one block (or one JSON
+        /// document per line with --format json) per refresh otherwise.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 2, value_name = "SECS", requires = "watch",
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
+        /// Journal lines shown per worker host.
+        #[arg(long, default_value_t = 5, value_name = "N",
+              value_parser = clap::value_parser!(u64).range(0..=200))]
+        lines: u64,
     },
     /// Enqueue jobs in the web platform's format.
     #[command(subcommand)]
@@ -243,7 +263,11 @@ impl Fatal {
 pub fn prepare(cli: &Cli) -> Result<Option<LabContext>, Fatal> {
     let runs_remote = matches!(
         cli.command,
-        Command::Plan { .. } | Command::Apply | Command::Verify { .. } | Command::Job(_)
+        Command::Plan { .. }
+            | Command::Apply
+            | Command::Verify { .. }
+            | Command::Status { .. }
+            | Command::Job(_)
     );
     if !cli.lab || !runs_remote {
         return Ok(None);
@@ -278,6 +302,23 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             print!("{}", report::apply(&reports, cli.format));
             let ok = reports.iter().all(|report| report.outcome.is_success());
             Ok(if ok { exit::SUCCESS } else { exit::FAILURE })
+        }
+        Command::Status {
+            watch,
+            interval,
+            lines,
+        } => {
+            if cli.format == Format::Junit {
+                return Err(Fatal::usage(
+                    "status has no junit format; use --format human or --format json",
+                ));
+            }
+            let deployment = deployment(&cli, lab_context.as_ref(), false)?;
+            let output = crate::status::Output {
+                format: cli.format,
+                watch: watch.then(|| std::time::Duration::from_secs(*interval)),
+            };
+            status(&deployment, output, *lines as usize).await
         }
         Command::Job(JobCommand::Push { job_type, data, id }) => {
             let deployment = deployment(&cli, lab_context.as_ref(), false)?;
@@ -402,6 +443,41 @@ fn default_worker_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let candidate = exe.parent()?.join("yametee-worker");
     candidate.exists().then_some(candidate)
+}
+
+/// Runs `status` on the worker hosts among the targets.
+async fn status(
+    deployment: &Deployment,
+    output: crate::status::Output,
+    journal_lines: usize,
+) -> Result<u8, Fatal> {
+    let hosts: Vec<crate::inventory::Host> = deployment
+        .target_hosts()
+        .filter(|host| host.has_role(crate::inventory::Role::Worker))
+        .cloned()
+        .collect();
+    if hosts.is_empty() {
+        let workers: Vec<&str> = deployment
+            .inventory
+            .hosts_with(crate::inventory::Role::Worker)
+            .map(|host| host.name.as_str())
+            .collect();
+        return Err(Fatal::usage(
+            "status reads the queue through a worker host, and no worker host is selected",
+        )
+        .hint(format!(
+            "select one with --limit, such as --limit {}",
+            workers.first().copied().unwrap_or("worker")
+        )));
+    }
+    let monitor = crate::status::Monitor::new(
+        &deployment.inventory,
+        &deployment.secrets,
+        &deployment.ssh,
+        hosts,
+        journal_lines,
+    );
+    Ok(crate::status::run(monitor, output).await)
 }
 
 async fn push_job(

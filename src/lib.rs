@@ -3,7 +3,8 @@
 //!
 //! The stages are plain values: [`inventory`] parses and validates, [`render`] produces each
 //! host's desired state, [`facts`] reads the current state, [`plan`] compares the two,
-//! [`apply`] carries the plan out and [`verify`] checks the result.
+//! [`apply`] carries the plan out, [`verify`] checks the result and [`status`] shows the
+//! queue and its workers.
 
 pub mod apply;
 pub mod cli;
@@ -19,4 +20,5 @@ pub mod render;
 pub mod report;
 pub mod secrets;
 pub mod ssh;
+pub mod status;
 pub mod verify;

@@ -220,6 +220,14 @@ pub enum SshError {
         status: String,
         stderr: String,
     },
+    #[error("forwarding {local} to {target} through host {host} failed")]
+    Forward {
+        host: String,
+        local: String,
+        target: String,
+        #[source]
+        source: openssh::Error,
+    },
     #[error(
         "sudo on host {host} requires a password for `{command}`; the user {user} needs \
              passwordless sudo (NOPASSWD) for it"
@@ -536,6 +544,31 @@ impl Remote {
             command: command.summary(),
             status: describe_status(output.status),
             stderr: last_lines(&output.stderr, 5),
+        })
+    }
+
+    /// Forwards connections made to the local Unix socket `local` through this connection
+    /// to `address:port`, connected to from this host, as `ssh -L local:address:port`
+    /// does. The forward lasts until the connection is closed.
+    pub async fn forward_local_socket(
+        &self,
+        local: &std::path::Path,
+        address: &str,
+        port: u16,
+    ) -> Result<(), SshError> {
+        let forwarded = self
+            .session
+            .request_port_forward(
+                openssh::ForwardType::Local,
+                local,
+                openssh::Socket::new(address, port),
+            )
+            .await;
+        forwarded.map_err(|source| SshError::Forward {
+            host: self.destination.host.clone(),
+            local: local.display().to_string(),
+            target: format!("{address}:{port}"),
+            source,
         })
     }
 

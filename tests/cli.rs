@@ -521,3 +521,53 @@ fn inventory_check_suggests_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn status_rejects_junit_format() {
+    let inventory = repository_inventory();
+    let output = run_with_secrets(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "--format",
+        "junit",
+        "status",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("status has no junit format"), "{stderr}");
+}
+
+#[test]
+fn status_interval_needs_watch() {
+    let inventory = repository_inventory();
+    let output = run_with_secrets(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "status",
+        "--interval",
+        "5",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--watch"), "{stderr}");
+}
+
+#[test]
+fn status_without_worker_host_is_usage_error() {
+    // Rejected before any connection: the selection has no worker host to read Redis from.
+    let inventory = repository_inventory();
+    let output = run_with_secrets(&[
+        "-i",
+        inventory.to_str().unwrap(),
+        "--limit",
+        "web",
+        "status",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no worker host is selected"), "{stderr}");
+    assert!(
+        stderr.contains("hint: select one with --limit, such as --limit worker"),
+        "{stderr}"
+    );
+}

@@ -17,8 +17,8 @@ use tokio::time::sleep;
 use tracing::{error, warn};
 
 use crate::error_chain;
-use crate::keys::{QueueKeys, FAILED_COUNTER, PROCESSED_COUNTER};
-use crate::queue::{Queue, Removal};
+use crate::keys::{QueueKeys, FAILED_COUNTER, PER_MINUTE_COUNTER_TTL, PROCESSED_COUNTER};
+use crate::queue::{CounterIncrement, Queue, Removal};
 use crate::redact::scrub_secrets;
 
 /// Most jobs removed in one transaction.
@@ -129,7 +129,8 @@ async fn flush(queue: &mut Queue, claims: &Claims, secrets: &[String], batch: &[
             job_ids.push(job_id.as_str());
         }
     }
-    let increments = counter_increments(batch);
+    let unix_minute = crate::unix_millis().div_euclid(60_000);
+    let increments = counter_increments(batch, unix_minute);
 
     for attempt in 1..=ACK_ATTEMPTS {
         match queue.complete_batch(&jobs, &increments).await {
@@ -172,25 +173,45 @@ async fn flush(queue: &mut Queue, claims: &Claims, secrets: &[String], batch: &[
     }
 }
 
-/// Sums the batch into `INCRBY` amounts for the total and per-type counters.
-fn counter_increments(batch: &[Ack]) -> Vec<(String, i64)> {
+/// Sums the batch into `INCRBY` amounts for the total and per-type counters, and for the
+/// per-minute counters of `unix_minute`, which expire.
+fn counter_increments(batch: &[Ack], unix_minute: i64) -> Vec<CounterIncrement> {
     let mut amounts: HashMap<String, i64> = HashMap::new();
+    let mut per_minute: HashMap<String, i64> = HashMap::new();
     for ack in batch {
-        let (total, per_type) = match ack {
+        let (total, per_type, minute) = match ack {
             Ack::Completed { job_type, .. } => (
                 PROCESSED_COUNTER,
                 Some(QueueKeys::processed_counter(job_type)),
+                QueueKeys::processed_in_minute(unix_minute),
             ),
-            Ack::Failed { job_type } => (FAILED_COUNTER, job_type.map(QueueKeys::failed_counter)),
+            Ack::Failed { job_type } => (
+                FAILED_COUNTER,
+                job_type.map(QueueKeys::failed_counter),
+                QueueKeys::failed_in_minute(unix_minute),
+            ),
         };
         *amounts.entry(total.to_string()).or_default() += 1;
         if let Some(per_type) = per_type {
             *amounts.entry(per_type).or_default() += 1;
         }
+        *per_minute.entry(minute).or_default() += 1;
     }
 
-    let mut increments: Vec<(String, i64)> = amounts.into_iter().collect();
-    increments.sort();
+    let lasting = amounts.into_iter().map(|(key, amount)| CounterIncrement {
+        key,
+        amount,
+        lifetime: None,
+    });
+    let expiring = per_minute
+        .into_iter()
+        .map(|(key, amount)| CounterIncrement {
+            key,
+            amount,
+            lifetime: Some(PER_MINUTE_COUNTER_TTL),
+        });
+    let mut increments: Vec<CounterIncrement> = lasting.chain(expiring).collect();
+    increments.sort_by(|a, b| a.key.cmp(&b.key));
     increments
 }
 
@@ -219,16 +240,38 @@ mod tests {
             Ack::Failed { job_type: None },
         ];
 
+        let increments = counter_increments(&batch, 29_000_000);
+        let amounts: Vec<(&str, i64)> = increments
+            .iter()
+            .map(|increment| (increment.key.as_str(), increment.amount))
+            .collect();
+
         assert_eq!(
-            counter_increments(&batch),
+            amounts,
             vec![
-                ("yametee:stats:failed".to_string(), 2),
-                ("yametee:stats:failed:email:send".to_string(), 1),
-                ("yametee:stats:processed".to_string(), 3),
-                ("yametee:stats:processed:order:process".to_string(), 1),
-                ("yametee:stats:processed:verify:probe".to_string(), 2),
+                ("yametee:stats:failed", 2),
+                ("yametee:stats:failed:email:send", 1),
+                ("yametee:stats:minute:failed:29000000", 2),
+                ("yametee:stats:minute:processed:29000000", 3),
+                ("yametee:stats:processed", 3),
+                ("yametee:stats:processed:order:process", 1),
+                ("yametee:stats:processed:verify:probe", 2),
             ]
         );
+    }
+
+    #[test]
+    fn only_per_minute_counters_expire() {
+        let increments = counter_increments(&[completed("cache:warm")], 7);
+
+        for increment in &increments {
+            let expected = increment
+                .key
+                .starts_with("yametee:stats:minute:")
+                .then_some(PER_MINUTE_COUNTER_TTL);
+            assert_eq!(increment.lifetime, expected, "{}", increment.key);
+        }
+        assert_eq!(increments.len(), 3);
     }
 
     #[test]

@@ -15,6 +15,14 @@ pub const PROCESSED_COUNTER: &str = "yametee:stats:processed";
 /// Counter of failed job attempts, rejected jobs included; `<key>:<job type>` counts one
 /// known type.
 pub const FAILED_COUNTER: &str = "yametee:stats:failed";
+/// Prefix of the per-minute counters of completed jobs, `<prefix><unix minute>`, where
+/// the Unix minute is the Unix time in seconds divided by 60 on the worker's clock.
+pub const PROCESSED_PER_MINUTE_PREFIX: &str = "yametee:stats:minute:processed:";
+/// Prefix of the per-minute counters of failed attempts, `<prefix><unix minute>`.
+pub const FAILED_PER_MINUTE_PREFIX: &str = "yametee:stats:minute:failed:";
+/// Lifetime of a per-minute counter after its last increment. `status` reads only the
+/// current and the previous minute, so an hour leaves room for reading by hand.
+pub const PER_MINUTE_COUNTER_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Key names for one queue, seen from one worker instance.
 #[derive(Debug, Clone)]
@@ -118,6 +126,16 @@ impl QueueKeys {
     pub fn failed_counter(job_type: &str) -> String {
         format!("{FAILED_COUNTER}:{job_type}")
     }
+
+    /// Returns the counter of jobs completed during the Unix minute `unix_minute`.
+    pub fn processed_in_minute(unix_minute: i64) -> String {
+        format!("{PROCESSED_PER_MINUTE_PREFIX}{unix_minute}")
+    }
+
+    /// Returns the counter of failed attempts during the Unix minute `unix_minute`.
+    pub fn failed_in_minute(unix_minute: i64) -> String {
+        format!("{FAILED_PER_MINUTE_PREFIX}{unix_minute}")
+    }
 }
 
 /// Escapes the characters that `SCAN MATCH` treats as a pattern.
@@ -170,6 +188,14 @@ mod tests {
         assert_eq!(
             QueueKeys::failed_counter("email:send"),
             "yametee:stats:failed:email:send"
+        );
+        assert_eq!(
+            QueueKeys::processed_in_minute(29_000_000),
+            "yametee:stats:minute:processed:29000000"
+        );
+        assert_eq!(
+            QueueKeys::failed_in_minute(29_000_000),
+            "yametee:stats:minute:failed:29000000"
         );
     }
 

@@ -138,6 +138,15 @@ return #due
     )
 });
 
+/// An `INCRBY` of one counter key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterIncrement {
+    pub key: String,
+    pub amount: i64,
+    /// Lifetime the key gets from this increment on; `None` keeps the key for good.
+    pub lifetime: Option<Duration>,
+}
+
 /// Whether a job left the in-flight list as asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
@@ -229,7 +238,7 @@ impl Queue {
     pub async fn complete_batch(
         &mut self,
         jobs: &[(&str, Option<&redis::Cmd>)],
-        increments: &[(String, i64)],
+        increments: &[CounterIncrement],
     ) -> RedisResult<Vec<Removal>> {
         let inflight = self.keys.own_inflight();
         let mut transaction = redis::pipe();
@@ -240,8 +249,12 @@ impl Queue {
             }
             transaction.lrem(&inflight, 1, *raw);
         }
-        for (counter, amount) in increments {
-            transaction.incr(counter, *amount).ignore();
+        for increment in increments {
+            transaction.incr(&increment.key, increment.amount).ignore();
+            if let Some(lifetime) = increment.lifetime {
+                let secs = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
+                transaction.expire(&increment.key, secs).ignore();
+            }
         }
 
         let removed: Vec<i64> = transaction.query_async(&mut self.connection).await?;

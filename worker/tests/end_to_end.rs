@@ -703,6 +703,25 @@ async fn worker_processes_every_job_type() {
     assert_eq!(counter("yametee:stats:failed:email:send").await, 2);
     assert_eq!(counter("yametee:stats:failed").await, 5);
 
+    // The per-minute counters add up to the totals, and each expires.
+    let mut stats = redis.clone();
+    for (prefix, total) in [
+        ("yametee:stats:minute:processed:", "yametee:stats:processed"),
+        ("yametee:stats:minute:failed:", "yametee:stats:failed"),
+    ] {
+        let minute_keys: Vec<String> = stats.keys(format!("{prefix}*")).await.unwrap();
+        assert!(!minute_keys.is_empty(), "no key matches {prefix}*");
+        let mut sum = 0;
+        for key in &minute_keys {
+            let value: i64 = stats.get(key).await.unwrap();
+            sum += value;
+            let ttl: i64 = stats.ttl(key).await.unwrap();
+            assert!(ttl > 0, "{key} has TTL {ttl}");
+            assert!(ttl <= 3600, "{key} has TTL {ttl}");
+        }
+        assert_eq!(sum, counter(total).await, "{prefix}* against {total}");
+    }
+
     let heartbeat_ttl: i64 = redis
         .ttl(format!("yametee:workers:{instance}"))
         .await
