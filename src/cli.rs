@@ -86,7 +86,13 @@ pub enum Command {
     },
     /// Converge every host; restart only what changed; roll the worker back if it does not
     /// report ready.
-    Apply,
+    Apply {
+        /// Most worker hosts restarting at once. The others keep consuming; each waits for
+        /// the previous to report ready, and the rollout stops at the first that does not.
+        #[arg(long, default_value_t = 1, value_name = "N",
+              value_parser = clap::value_parser!(u16).range(1..))]
+        max_unavailable: u16,
+    },
     /// Run the verification suite: one result per check per host.
     Verify {
         /// Only run these checks: ids such as queue.depth, or prefixes such as worker or
@@ -264,7 +270,7 @@ pub fn prepare(cli: &Cli) -> Result<Option<LabContext>, Fatal> {
     let runs_remote = matches!(
         cli.command,
         Command::Plan { .. }
-            | Command::Apply
+            | Command::Apply { .. }
             | Command::Verify { .. }
             | Command::Status { .. }
             | Command::Job(_)
@@ -295,9 +301,9 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
                 _ => exit::SUCCESS,
             })
         }
-        Command::Apply => {
+        Command::Apply { max_unavailable } => {
             let deployment = deployment(&cli, lab_context.as_ref(), true)?;
-            let reports = deployment.apply().await;
+            let reports = deployment.apply(usize::from(*max_unavailable)).await;
             crate::progress::finish();
             print!("{}", report::apply(&reports, cli.format));
             let ok = reports.iter().all(|report| report.outcome.is_success());

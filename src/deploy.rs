@@ -14,7 +14,7 @@ use crate::facts;
 use crate::inventory::{Host, Inventory, Role};
 use crate::plan::{self, Change, HostPlan, WorkerBinary};
 use crate::postgres;
-use crate::render::Renderer;
+use crate::render::{worker_paths, Renderer};
 use crate::secrets::Secrets;
 use crate::ssh::{Destination, Remote, SshOverrides};
 
@@ -156,8 +156,10 @@ impl Deployment {
         report
     }
 
-    /// Applies every host, tier by tier.
-    pub async fn apply(&self) -> Vec<HostReport> {
+    /// Applies every host, tier by tier. Worker hosts whose running worker would restart
+    /// go at most `max_unavailable` at a time, so the queue keeps draining; after one fails,
+    /// those not started yet are left as they are.
+    pub async fn apply(&self, max_unavailable: usize) -> Vec<HostReport> {
         let started = std::time::Instant::now();
         // Every host is connected to and planned at once: the SSH handshakes and the reading
         // of each host's state are most of a run's fixed cost, and a later tier's plan does not
@@ -178,6 +180,8 @@ impl Deployment {
             tiers.entry(host.tier()).or_default().push(host);
         }
 
+        let rollout = Arc::new(Semaphore::new(max_unavailable));
+        let rollout_failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
         let mut reports: Vec<HostReport> = Vec::new();
         let mut failed: Vec<String> = Vec::new();
         for hosts in tiers.values() {
@@ -202,9 +206,36 @@ impl Deployment {
                     .remove(&host.name)
                     .expect("every target host was connected or failed to connect");
                 let limit = limit.clone();
+                let rollout = rollout.clone();
+                let rollout_failed = &rollout_failed;
                 async move {
+                    let rolling = matches!(&connection, Ok((_, plan)) if restarts_worker(plan));
+                    let _turn = match rolling {
+                        true => Some(rollout.acquire().await.expect("semaphore is never closed")),
+                        false => None,
+                    };
+                    let stopped_by = rollout_failed.lock().expect("not poisoned").clone();
+                    if let (true, Some(failed_host)) = (rolling, stopped_by) {
+                        if let Ok((remote, _)) = connection {
+                            remote.close().await;
+                        }
+                        let mut report = empty_report(host);
+                        report.outcome = Outcome::Skipped;
+                        report.error = Some(format!(
+                            "left as it is, old worker running: the rolling restart stopped \
+                             after host {failed_host} failed"
+                        ));
+                        return report;
+                    }
                     let _permit = limit.acquire().await.expect("semaphore is never closed");
-                    self.apply_one(host, connection).await
+                    let report = self.apply_one(host, connection).await;
+                    if rolling && !report.outcome.is_success() {
+                        rollout_failed
+                            .lock()
+                            .expect("not poisoned")
+                            .get_or_insert_with(|| host.name.clone());
+                    }
+                    report
                 }
             }))
             .await;
@@ -282,6 +313,13 @@ impl Deployment {
         }
         report
     }
+}
+
+/// Whether `plan` restarts a worker that is running now, taking it away from the queue.
+fn restarts_worker(plan: &HostPlan) -> bool {
+    plan.steps
+        .iter()
+        .any(|step| matches!(step, plan::Step::Restart(unit) if unit == worker_paths::UNIT))
 }
 
 fn empty_report(host: &Host) -> HostReport {

@@ -1,6 +1,7 @@
 //! The verification suite: each manual check of the worker runbook as a named check, run on
 //! the host whose network position it is about, all hosts and checks in parallel.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use crate::queue;
 use crate::render::{worker_paths, Renderer, POSTGRES_UNIT, REDIS_UNIT};
 use crate::secrets::Secrets;
 use crate::ssh::{Destination, Remote, RemoteCommand, SshError, SshOverrides};
+use crate::status::HEARTBEAT_KEY_PREFIX;
 
 /// Lines the worker logs at every start, in the order it logs them.
 pub fn startup_lines(worker_name: &str) -> Vec<String> {
@@ -614,9 +616,94 @@ ps -o rss= -p "$pid""#;
         }
     }
 
-    /// Pushes a `verify:probe` job in the web platform's format and waits for the result the
-    /// worker writes, which proves a worker really processed it.
+    /// Pushes `verify:probe` jobs in the web platform's format, one after the other, until
+    /// every worker instance with a heartbeat has processed one, and reads the result each
+    /// worker writes: proof that every worker consumes, not only that one does. There must be
+    /// a heartbeat for each worker host of the inventory.
     async fn probe_job(&self, remote: &Remote) -> CheckOutcome {
+        let expected = self.inventory.hosts_with(Role::Worker).count();
+        let alive = self.worker_heartbeats(remote).await?;
+        // Redis hands each job to the worker that has waited longest, so probes sent one by
+        // one go round the workers; the bound leaves room for uneven turns.
+        let most = 4 * alive.len().max(1) + 1;
+        let mut taken: BTreeMap<String, Vec<u128>> = BTreeMap::new();
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < most && alive.iter().any(|instance| !taken.contains_key(instance)) {
+            let remaining = self.probe_timeout.saturating_sub(started.elapsed());
+            let (id, latency, worker) = self.one_probe(remote, remaining).await?;
+            sent += 1;
+            tracing::debug!(%id, %worker, latency, "probe processed");
+            taken.entry(worker).or_default().push(latency);
+            if alive.is_empty() {
+                break;
+            }
+        }
+
+        let idle: Vec<&String> = alive
+            .iter()
+            .filter(|instance| !taken.contains_key(*instance))
+            .collect();
+        let summary = taken
+            .iter()
+            .map(|(worker, latencies)| match latencies.as_slice() {
+                [latency] => format!("{worker} in {latency} ms"),
+                _ => format!(
+                    "{worker} {} times, slowest {} ms",
+                    latencies.len(),
+                    latencies.iter().max().copied().unwrap_or_default()
+                ),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !idle.is_empty() {
+            return Err(format!(
+                "{} alive but took none of {sent} probe jobs ({summary} did); look at \
+                 `journalctl -u {}` on its host",
+                join_names(&idle),
+                worker_paths::UNIT
+            )
+            .into());
+        }
+        if alive.len() < expected {
+            return Err(format!(
+                "{expected} worker hosts in the inventory but {} worker heartbeat{} in Redis; \
+                 processed by {summary}; run `yametee-deploy status` to see which is missing",
+                alive.len(),
+                if alive.len() == 1 { "" } else { "s" },
+            )
+            .into());
+        }
+        Ok(format!(
+            "{sent} probe job{} processed by {summary}",
+            if sent == 1 { "" } else { "s" }
+        ))
+    }
+
+    /// The worker instances whose heartbeat key is in Redis.
+    async fn worker_heartbeats(&self, remote: &Remote) -> Result<BTreeSet<String>, NotPassed> {
+        let pattern = format!("{HEARTBEAT_KEY_PREFIX}*");
+        let scan = queue::redis_cli(
+            self.inventory,
+            self.secrets,
+            "list the worker heartbeats",
+            &["--scan", "--pattern", &pattern],
+        );
+        let keys = run(remote, &scan).await?;
+        Ok(keys
+            .lines()
+            .filter_map(|key| key.trim().strip_prefix(HEARTBEAT_KEY_PREFIX))
+            .map(String::from)
+            .collect())
+    }
+
+    /// Pushes one probe job and waits up to `limit` for its result. Returns the job's id, the
+    /// milliseconds until its result was seen and the worker instance that processed it.
+    async fn one_probe(
+        &self,
+        remote: &Remote,
+        limit: Duration,
+    ) -> Result<(String, u128, String), NotPassed> {
         let app = &self.inventory.app;
         let id = queue::new_job_id("probe");
         let job = queue::job_json(&id, "verify:probe", serde_json::json!({}));
@@ -633,7 +720,7 @@ ps -o rss= -p "$pid""#;
             &["GET", &key],
         );
         // Bounded by the probe timeout; each round trip is one GET.
-        while started.elapsed() < self.probe_timeout {
+        while started.elapsed() < limit {
             let value = run(remote, &get).await?;
             let value = value.trim();
             if !value.is_empty() {
@@ -647,9 +734,9 @@ ps -o rss= -p "$pid""#;
                             .map(String::from)
                     })
                     .unwrap_or_else(|| "a worker".into());
-                return Ok(format!("job {id} processed by {worker} in {latency} ms"));
+                return Ok((id, latency, worker));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
         // Take the job back so that a worker started later does not process a stale probe.
@@ -671,6 +758,21 @@ ps -o rss= -p "$pid""#;
             worker_paths::UNIT
         )
         .into())
+    }
+}
+
+/// Joins names for a message: `a`, `a and b`, `a, b and c`.
+fn join_names(names: &[&String]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!(
+            "{} and {last}",
+            rest.iter()
+                .map(|name| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
