@@ -24,13 +24,25 @@ pub fn redis_cli(
     label: &str,
     args: &[&str],
 ) -> RemoteCommand {
+    redis_cli_within(inventory, secrets, label, args, 10)
+}
+
+/// Like [`redis_cli`], with redis-cli stopped after `secs` seconds (exit status 124).
+pub fn redis_cli_within(
+    inventory: &Inventory,
+    secrets: &Secrets,
+    label: &str,
+    args: &[&str],
+    secs: u32,
+) -> RemoteCommand {
     let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
-host=$1 port=$2
-shift 2
-exec timeout 10 redis-cli -h "$host" -p "$port" "$@""#;
+secs=$1 host=$2 port=$3
+shift 3
+exec timeout "$secs" redis-cli -h "$host" -p "$port" "$@""#;
+    let secs = secs.to_string();
     let address = inventory.redis_host().address.to_string();
     let port = inventory.app.redis.port.to_string();
-    let mut all: Vec<&str> = vec![&address, &port];
+    let mut all: Vec<&str> = vec![&secs, &address, &port];
     all.extend_from_slice(args);
     RemoteCommand::script(label, script, &all)
         .stdin(format!("{}\n", secrets.get("app.redis.password")))

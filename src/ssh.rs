@@ -200,6 +200,12 @@ pub enum SshError {
         destination: String,
         secs: u64,
     },
+    #[error(
+        "lost the SSH connection to host {host} during `{command}`; whether that command \
+             took effect is unknown. Run apply again once the host is reachable: restarts owed \
+             are recorded on the host"
+    )]
+    ConnectionLost { host: String, command: String },
     #[error("`{command}` on host {host} failed to run")]
     Run {
         host: String,
@@ -496,6 +502,14 @@ impl Remote {
         };
         let output = match tokio::time::timeout(command.timeout, run).await {
             Ok(Ok(output)) => output,
+            Ok(Err(openssh::Error::Disconnected | openssh::Error::SshMux(_)))
+                if !self.is_alive().await =>
+            {
+                return Err(SshError::ConnectionLost {
+                    host: self.destination.host.clone(),
+                    command: command.summary(),
+                })
+            }
             Ok(Err(source)) => {
                 return Err(SshError::Run {
                     host: self.destination.host.clone(),
@@ -570,6 +584,11 @@ impl Remote {
             target: format!("{address}:{port}"),
             source,
         })
+    }
+
+    /// Whether the master connection still works.
+    async fn is_alive(&self) -> bool {
+        self.session.check().await.is_ok()
     }
 
     pub async fn close(self) {

@@ -486,7 +486,13 @@ echo "dead $(cli LLEN "$q:dead")""#;
         if over.is_empty() {
             Ok(shown.join(", "))
         } else {
-            Err(over.join("; ").into())
+            Err(format!(
+                "{} (thresholds are under app.thresholds in the inventory); see \
+                 `yametee-deploy status`, and the failed jobs with \
+                 `redis-cli LRANGE {queue}:dead 0 9` on the Redis host",
+                over.join("; ")
+            )
+            .into())
         }
     }
 
@@ -521,8 +527,20 @@ journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
     async fn redis_ping(&self, remote: &Remote, address: String) -> CheckOutcome {
         let port = self.inventory.app.redis.port;
         let label = format!("redis-cli -h {address} PING");
-        let command = queue::redis_cli(self.inventory, self.secrets, &label, &["PING"]);
-        let reply = run(remote, &command).await?;
+        let command = queue::redis_cli_within(self.inventory, self.secrets, &label, &["PING"], 3);
+        let output = remote
+            .output(&command)
+            .await
+            .map_err(|error| error_chain(&error))?;
+        if output.status == Some(124) {
+            return Err(format!(
+                "expected PONG from {address}:{port}; no answer within 3 s from host {}: a \
+                 firewall may drop the connection; see `sudo ufw status` on the Redis host",
+                remote.host()
+            )
+            .into());
+        }
+        let reply = output.stdout;
         if reply.trim() == "PONG" {
             Ok(format!("PONG from {address}:{port}"))
         } else {

@@ -1,7 +1,9 @@
 //! End to end on the lab: boots a replica of inventory.yaml in systemd-nspawn containers,
 //! applies, verifies that every check passes, checks that a second apply changes and
-//! restarts nothing, that a worker which never reports ready is rolled back, and takes the
-//! lab down. Needs root, systemd-nspawn and debootstrap
+//! restarts nothing, that a worker which never reports ready is rolled back, that each
+//! deliberate breakage turns exactly its checks red, that a cut connection fails only its
+//! host, that a second worker joins, takes a rolling deploy without losing a job and leaves
+//! again, and takes the lab down. Needs root, systemd-nspawn and debootstrap
 //! (`scripts/setup.sh` installs them); where they are missing the test says so and skips,
 //! except under CI, where it fails.
 
@@ -326,6 +328,9 @@ fn lab_apply_verify_and_roll_back() {
     let restored = deploy(&["--lab", "--format", "json", "apply"]);
     assert_eq!(restored.status.code(), Some(0), "{:#}", json(&restored));
     stopped_worker_fails_its_checks();
+    breakages_turn_their_checks_red();
+    cut_connection_fails_only_its_host();
+    second_worker_joins_and_leaves(scratch.path());
     let final_verify = deploy(&["--lab", "--format", "json", "verify"]);
     assert_eq!(
         final_verify.status.code(),
@@ -647,4 +652,471 @@ fn stopped_worker_fails_its_checks() {
         })
         .collect();
     assert_eq!(actions, vec!["start yametee-worker.service"], "{worker:#}");
+}
+
+fn lab_dir() -> PathBuf {
+    std::env::var_os("YAMETEE_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/yametee-deploy/lab"))
+}
+
+/// Runs `redis-cli ARGS` on the lab's Redis host, the password passed on standard input.
+fn lab_redis(args: &str) -> String {
+    use std::io::Write;
+    let text = std::fs::read_to_string(lab_dir().join("secrets.json")).expect("lab secrets.json");
+    let secrets: Value = serde_json::from_str(&text).expect("secrets.json is JSON");
+    let password = secrets["YAMETEE_REDIS_PASSWORD"]
+        .as_str()
+        .expect("the lab's Redis password");
+    let script =
+        format!("IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH; redis-cli --no-raw {args}");
+    let mut child = deploy_command(
+        &repository_inventory(),
+        &worker_binary(),
+        &["lab", "ssh", "redis", &script],
+    )
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("yametee-deploy starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{password}").expect("writing the password");
+    drop(stdin);
+    let output = child.wait_with_output().expect("lab ssh runs");
+    assert!(
+        output.status.success(),
+        "redis-cli {args} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Reads an integer reply such as `(integer) 3` or `"3"`; a missing key counts as 0.
+fn redis_number(reply: &str) -> u64 {
+    let value = reply
+        .trim_start_matches("(integer) ")
+        .trim_matches('"')
+        .trim();
+    if value == "(nil)" {
+        return 0;
+    }
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {reply}"))
+}
+
+fn lab_ssh(host: &str, command: &str) -> String {
+    let output = deploy(&["lab", "ssh", host, command]);
+    assert!(
+        output.status.success(),
+        "`{command}` on {host} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs verify and returns its exit code, its JSON report and the checks that did not pass.
+fn verify_failures(inventory: &Path) -> (Option<i32>, Value, Vec<String>) {
+    let output = deploy_with(
+        inventory,
+        &worker_binary(),
+        &[
+            "--lab",
+            "--format",
+            "json",
+            "verify",
+            "--probe-timeout",
+            "5",
+        ],
+    );
+    let report = json(&output);
+    let failed = failed_checks(&report);
+    (output.status.code(), report, failed)
+}
+
+fn check_detail<'a>(report: &'a Value, host_name: &str, id: &str) -> &'a str {
+    host(report, host_name)["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|check| check["id"] == id)
+        .and_then(|check| check["detail"].as_str())
+        .unwrap_or_else(|| panic!("no check {id} on {host_name}: {report:#}"))
+}
+
+/// A removed ufw rule, a queue past its threshold and Redis blocked from the worker each turn
+/// exactly the checks that see them red, with messages that say what is wrong; JUnit counts
+/// match the JSON report; apply repairs what it manages.
+fn breakages_turn_their_checks_red() {
+    let inventory = repository_inventory();
+
+    lab_ssh("web", "sudo ufw delete allow 80/tcp");
+    let (code, report, failed) = verify_failures(&inventory);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(failed, vec!["web/firewall.rules"], "{report:#}");
+    let detail = check_detail(&report, "web", "firewall.rules");
+    assert!(detail.contains("missing: `allow 80/tcp"), "{detail}");
+
+    let junit = deploy(&[
+        "--lab",
+        "--format",
+        "junit",
+        "verify",
+        "--probe-timeout",
+        "5",
+    ]);
+    assert_eq!(junit.status.code(), Some(1));
+    let xml = String::from_utf8_lossy(&junit.stdout).into_owned();
+    let total: usize = report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|host| host["checks"].as_array().unwrap().len())
+        .sum();
+    let root = xml
+        .lines()
+        .find(|line| line.trim_start().starts_with("<testsuites"))
+        .unwrap_or_else(|| panic!("no <testsuites> element: {xml}"));
+    assert!(root.contains(&format!("tests=\"{total}\"")), "{root}");
+    assert!(root.contains("failures=\"1\""), "{root}");
+    assert_eq!(xml.matches("<testcase").count(), total, "{xml}");
+    assert_eq!(xml.matches("<failure").count(), 1, "{xml}");
+
+    let repaired = deploy(&["--lab", "--format", "json", "apply"]);
+    assert_eq!(repaired.status.code(), Some(0), "{:#}", json(&repaired));
+
+    // A job for an order that does not exist fails for good and lands in the dead list,
+    // whose threshold is 1.
+    let pushed = deploy(&[
+        "--lab",
+        "job",
+        "push",
+        "order:process",
+        r#"{"orderId":"no-such-order"}"#,
+    ]);
+    assert!(pushed.status.success(), "job push failed");
+    let mut dead = 0;
+    for _ in 0..50 {
+        dead = redis_number(&lab_redis("LLEN yametee:jobs:dead"));
+        if dead > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(dead, 1, "the job never reached the dead list");
+    let (code, report, failed) = verify_failures(&inventory);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(failed, vec!["redis/queue.depth"], "{report:#}");
+    let detail = check_detail(&report, "redis", "queue.depth");
+    assert!(
+        detail.contains("dead 1 reaches the threshold 1"),
+        "{detail}"
+    );
+    lab_redis("DEL yametee:jobs:dead");
+
+    // The worker's connection made before the rule went stays open, so jobs still flow; a new
+    // connection from the worker's address is dropped.
+    lab_ssh(
+        "redis",
+        "sudo ufw delete allow from 192.168.120.45 to any port 6379 proto tcp",
+    );
+    let (code, report, failed) = verify_failures(&inventory);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(
+        failed,
+        vec!["redis/firewall.rules", "worker/worker.redis-ping"],
+        "{report:#}"
+    );
+    let detail = check_detail(&report, "worker", "worker.redis-ping");
+    assert!(detail.contains("no answer within 3 s"), "{detail}");
+
+    let repaired = deploy(&["--lab", "--format", "json", "apply"]);
+    assert_eq!(repaired.status.code(), Some(0), "{:#}", json(&repaired));
+    let (code, report, failed) = verify_failures(&inventory);
+    assert_eq!((code, failed), (Some(0), vec![]), "{report:#}");
+}
+
+/// Cutting one host's SSH connection mid-apply fails that host with a clear message; the
+/// other hosts finish, and the next apply completes it.
+fn cut_connection_fails_only_its_host() {
+    use std::io::{BufRead, BufReader};
+
+    // Drift on both: PostgreSQL's settings file (whose restart takes a couple of seconds
+    // under Debian's wrapper, the window to cut in) and the web host's env file.
+    lab_ssh(
+        "postgres",
+        "sudo rm /etc/postgresql/15/main/conf.d/yametee.conf",
+    );
+    lab_ssh("web", "sudo rm /etc/yametee-web/web.env");
+
+    let mut child = deploy_command(
+        &repository_inventory(),
+        &worker_binary(),
+        &["--lab", "--format", "json", "apply"],
+    )
+    .env("RUST_LOG", "yametee_deploy=info")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("yametee-deploy starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut cut = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("reading stderr");
+        eprintln!("{line}");
+        if !cut && line.contains("restart service postgresql.service") {
+            // Kill the web host's SSH sockets from inside its network namespace: the
+            // connection is reset as when sshd dies or the host reboots.
+            let killed = Command::new("ip")
+                .args(["netns", "exec", "ytd-h-web", "ss", "-K", "sport = :22"])
+                .output()
+                .expect("ss runs");
+            assert!(
+                String::from_utf8_lossy(&killed.stdout).contains("192.168.120.50"),
+                "no SSH socket to cut on web: {}",
+                String::from_utf8_lossy(&killed.stdout)
+            );
+            cut = true;
+        }
+    }
+    let output = child.wait_with_output().expect("apply ends");
+    assert!(cut, "apply never restarted PostgreSQL");
+    let report = json(&output);
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    let web = host(&report, "web");
+    assert_eq!(web["outcome"], "failed", "{web:#}");
+    let error = web["error"].as_str().expect("an error for web");
+    assert!(
+        error.contains("lost the SSH connection to host web"),
+        "{error}"
+    );
+    assert_eq!(
+        host(&report, "postgres")["outcome"],
+        "changed",
+        "{report:#}"
+    );
+    for name in ["redis", "worker"] {
+        assert_eq!(host(&report, name)["outcome"], "unchanged", "{report:#}");
+    }
+
+    let rerun = deploy(&["--lab", "--format", "json", "apply"]);
+    let report = json(&rerun);
+    assert_eq!(rerun.status.code(), Some(0), "{report:#}");
+    assert_eq!(host(&report, "web")["outcome"], "changed", "{report:#}");
+}
+
+/// Addresses ufw on `host` lets reach `port`, from `ufw show added`.
+fn allowed_sources(host_name: &str, port: u16) -> Vec<String> {
+    let added = lab_ssh(host_name, "sudo ufw show added");
+    let mut sources: Vec<String> = added
+        .lines()
+        .filter(|line| line.contains(&format!(" port {port} ")))
+        .filter_map(|line| {
+            line.split_whitespace()
+                .skip_while(|word| *word != "from")
+                .nth(1)
+                .map(String::from)
+        })
+        .collect();
+    sources.sort();
+    sources
+}
+
+/// The systemd times (microseconds) at which the worker on `host_name` last began stopping
+/// and was last started again.
+fn restart_window(host_name: &str) -> (u64, u64) {
+    let journal = lab_ssh(
+        host_name,
+        "sudo journalctl -u yametee-worker.service -o short-unix --no-pager --since=-300s \
+         | grep -E 'Stopping yametee-worker|Started yametee-worker'",
+    );
+    let time_of = |needle: &str| -> u64 {
+        let line = journal
+            .lines()
+            .rev()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in the journal of {host_name}: {journal}"));
+        let seconds: f64 = line
+            .split_whitespace()
+            .next()
+            .and_then(|stamp| stamp.parse().ok())
+            .unwrap_or_else(|| panic!("no time stamp in {line}"));
+        (seconds * 1e6) as u64
+    };
+    (
+        time_of("Stopping yametee-worker"),
+        time_of("Started yametee-worker"),
+    )
+}
+
+/// `inventory add-host` adds a second worker keeping every comment; the lab and apply follow:
+/// Redis and PostgreSQL open to it alone, nothing else restarts, and verify sees both workers
+/// consume. A new build rolls out one worker at a time while jobs are pushed, losing none.
+/// `inventory remove-host` and apply close the access again.
+fn second_worker_joins_and_leaves(dir: &Path) {
+    let original = std::fs::read_to_string(repository_inventory()).expect("inventory.yaml");
+    let inventory = dir.join("scaled.yaml");
+    std::fs::write(&inventory, &original).expect("copying the inventory");
+    let worker = worker_binary();
+    let added = deploy_with(
+        &inventory,
+        &worker,
+        &[
+            "inventory",
+            "add-host",
+            "worker-2",
+            "--address",
+            "192.168.120.46",
+            "--role",
+            "worker",
+        ],
+    );
+    assert_eq!(added.status.code(), Some(0), "add-host failed");
+    assert!(
+        String::from_utf8_lossy(&added.stdout).contains("+  worker-2:"),
+        "add-host printed no diff: {}",
+        String::from_utf8_lossy(&added.stdout)
+    );
+    let edited = std::fs::read_to_string(&inventory).expect("edited inventory");
+    for comment in original
+        .lines()
+        .filter(|line| line.trim_start().starts_with('#'))
+    {
+        assert!(
+            edited.contains(comment),
+            "add-host lost the comment {comment:?}"
+        );
+    }
+
+    let up = deploy_with(&inventory, &worker, &["lab", "up"]);
+    assert_eq!(up.status.code(), Some(0), "lab up with worker-2 failed");
+    let apply = deploy_with(&inventory, &worker, &["--lab", "--format", "json", "apply"]);
+    let report = json(&apply);
+    assert_eq!(apply.status.code(), Some(0), "{report:#}");
+    for name in ["web", "postgres", "redis", "worker"] {
+        assert_eq!(
+            host(&report, name)["restarted"],
+            serde_json::json!([]),
+            "adding worker-2 restarted something on {name}: {report:#}"
+        );
+    }
+    assert_eq!(
+        host(&report, "worker-2")["outcome"],
+        "changed",
+        "{report:#}"
+    );
+    let expected = vec!["192.168.120.45", "192.168.120.46", "192.168.120.50"];
+    assert_eq!(allowed_sources("redis", 6379), expected);
+    assert_eq!(allowed_sources("postgres", 5432), expected);
+
+    let (code, report, failed) = verify_failures(&inventory);
+    assert_eq!((code, failed), (Some(0), vec![]), "{report:#}");
+    let probe = check_detail(&report, "web", "e2e.probe-job");
+    for instance in ["yametee-worker@worker ", "yametee-worker@worker-2 "] {
+        assert!(probe.contains(instance), "{instance}took no probe: {probe}");
+    }
+
+    // A new build (the same binary with a different hash) rolls out while the web host pushes
+    // jobs, one every 10 ms.
+    let build = dir.join("new-build");
+    std::fs::copy(&worker, &build).expect("copying the worker binary");
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&build)
+            .unwrap();
+        file.write_all(b"a new build").unwrap();
+    }
+    let processed_before = redis_number(&lab_redis("GET yametee:stats:processed"));
+    const JOBS: u64 = 300;
+    let pusher = lab_redis_pusher(JOBS);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let rollout = deploy_with(&inventory, &build, &["--lab", "--format", "json", "apply"]);
+    let report = json(&rollout);
+    assert_eq!(rollout.status.code(), Some(0), "{report:#}");
+    for name in ["worker", "worker-2"] {
+        assert_eq!(
+            host(&report, name)["restarted"],
+            serde_json::json!(["yametee-worker.service"]),
+            "{report:#}"
+        );
+    }
+    let pushed = pusher.wait_with_output().expect("the pusher ends");
+    assert!(pushed.status.success(), "pushing jobs failed");
+    let (first, second) = (restart_window("worker"), restart_window("worker-2"));
+    assert!(
+        first.1 <= second.0 || second.1 <= first.0,
+        "both workers were down at once: {first:?} and {second:?}"
+    );
+    let mut processed = 0;
+    for _ in 0..100 {
+        processed = redis_number(&lab_redis("GET yametee:stats:processed")) - processed_before;
+        if processed >= JOBS {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(processed, JOBS, "jobs processed during the rollout");
+    assert_eq!(redis_number(&lab_redis("LLEN yametee:jobs:dead")), 0);
+    assert_eq!(redis_number(&lab_redis("ZCARD yametee:jobs:retry")), 0);
+
+    let removed = deploy_with(
+        &inventory,
+        &worker,
+        &["inventory", "remove-host", "worker-2"],
+    );
+    assert_eq!(removed.status.code(), Some(0), "remove-host failed");
+    assert_eq!(
+        std::fs::read_to_string(&inventory).unwrap(),
+        original,
+        "add-host then remove-host should give the file back byte for byte"
+    );
+    let apply = deploy(&["--lab", "--format", "json", "apply"]);
+    let report = json(&apply);
+    assert_eq!(apply.status.code(), Some(0), "{report:#}");
+    let expected = vec!["192.168.120.45", "192.168.120.50"];
+    assert_eq!(allowed_sources("redis", 6379), expected);
+    assert_eq!(allowed_sources("postgres", 5432), expected);
+    let up = deploy(&["lab", "up"]);
+    assert_eq!(up.status.code(), Some(0), "lab up without worker-2 failed");
+    assert!(
+        !String::from_utf8_lossy(&up.stdout).contains("worker-2"),
+        "worker-2 is still in the lab"
+    );
+}
+
+/// Starts pushing `count` cache:warm jobs from the web host, one every 10 ms, with the lab's
+/// Redis password on standard input.
+fn lab_redis_pusher(count: u64) -> std::process::Child {
+    use std::io::Write;
+    let text = std::fs::read_to_string(lab_dir().join("secrets.json")).expect("lab secrets.json");
+    let secrets: Value = serde_json::from_str(&text).expect("secrets.json is JSON");
+    let password = secrets["YAMETEE_REDIS_PASSWORD"]
+        .as_str()
+        .expect("password");
+    let script = format!(
+        r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
+i=0
+while [ "$i" -lt {count} ]; do
+  i=$((i + 1))
+  job=$(printf '{{"id":"rollout-%s","type":"cache:warm","data":{{}},"createdAt":"%s"}}' "$i" "$(date -u +%Y-%m-%dT%H:%M:%S.000Z)")
+  redis-cli -h 192.168.120.44 RPUSH yametee:jobs "$job" > /dev/null || exit 1
+  sleep 0.01
+done"#
+    );
+    let mut child = deploy_command(
+        &repository_inventory(),
+        &worker_binary(),
+        &["lab", "ssh", "web", &script],
+    )
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("yametee-deploy starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{password}").expect("writing the password");
+    child
 }
