@@ -2,15 +2,16 @@
 # Times the main job on the lab, step by step, and prints the figures: lab up (base image
 # cached), a second lab up, a cold apply, a no-op apply, an apply after one setting changed,
 # a plan, verify with the end-to-end probe latency and the worker's memory, and lab down.
-# With SCALE=N it then times a cold and a no-op apply on a lab of N worker hosts beside the
-# data stores and the web host. Needs root; takes the lab down at the end.
+# With SCALES="1 5 20" it then times, for a lab of each number of worker hosts beside the
+# data stores and the web host: lab up, a cold and a no-op apply, and verify. Needs root;
+# takes the lab down at the end.
 # Run `cargo build --release --workspace` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy=$PWD/target/release/yametee-deploy
 [ -x "$deploy" ] || { echo "error: $deploy not found; run cargo build --release --workspace" >&2; exit 2; }
-scale=${SCALE:-0}
+scales=${SCALES:-}
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
@@ -49,9 +50,9 @@ print(f'{"  results":<34} {sum(len(h["checks"]) for h in report["hosts"])}, ok={
 PY
 step "lab down" "$deploy" lab down
 
-if [ "$scale" -gt 0 ]; then
-  # The same inventory with the one worker replaced by $scale workers, from .100 upwards.
-  python3 - "$scale" > "$scratch/scaled.yaml" <<'PY'
+# Scale: the same inventory with the one worker replaced by N workers, from .100 upwards.
+for count in $scales; do
+  python3 - "$count" > "$scratch/scaled.yaml" <<'PY'
 import sys
 count = int(sys.argv[1])
 text = open("inventory.yaml").read()
@@ -61,11 +62,11 @@ workers = "".join(
 )
 print(head + workers, end="")
 PY
-  echo "lab of $scale workers"
-  step "lab up ($scale workers)" "$deploy" -i "$scratch/scaled.yaml" lab up
-  step "apply (cold, $scale workers)" "$deploy" -i "$scratch/scaled.yaml" --lab apply
-  step "apply (no changes, $scale workers)" "$deploy" -i "$scratch/scaled.yaml" --lab apply
-  step "verify ($scale workers)" "$deploy" -i "$scratch/scaled.yaml" --lab verify
+  echo "lab of $count worker hosts"
+  step "lab up ($count workers)" "$deploy" -i "$scratch/scaled.yaml" lab up
+  step "apply (cold, $count workers)" "$deploy" -i "$scratch/scaled.yaml" --lab apply
+  step "apply (no changes, $count workers)" "$deploy" -i "$scratch/scaled.yaml" --lab apply
+  step "verify ($count workers)" "$deploy" -i "$scratch/scaled.yaml" --lab verify
   # The default hybrid post-quantum key exchange costs about ten times the CPU of
   # curve25519-sha256 per connection, and here one machine runs both ends of every one.
   sed 's/^    sudo: true$/&\n    key_exchange: curve25519-sha256/' "$scratch/scaled.yaml" > "$scratch/kex.yaml"
@@ -73,4 +74,4 @@ PY
   step "apply (no changes, curve25519)" "$deploy" -i "$scratch/kex.yaml" --lab apply
   step "verify (curve25519)" "$deploy" -i "$scratch/kex.yaml" --lab verify
   step "lab down" "$deploy" lab down
-fi
+done

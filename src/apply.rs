@@ -90,8 +90,9 @@ pub async fn apply_host(
 
     // Three lanes run side by side, as none uses what another changes. ufw is a Python
     // program started once per rule, so synchronising the firewall is slow. `systemctl
-    // enable` of a unit with a SysV script runs Debian's update-rc.d, slow too; it goes
-    // beside the rest unless a unit file changed, when it needs the daemon-reload first.
+    // enable` of a unit with a SysV script runs Debian's update-rc.d, which is slow too. It
+    // waits for the other steps only when a unit file changed, as it then needs the
+    // daemon-reload first.
     let unit_files_change = plan
         .steps
         .iter()
@@ -109,7 +110,8 @@ pub async fn apply_host(
         }
     }
     // The role and database are made on the running server while the files are written,
-    // rather than after the restart; a server not running yet is handled after the steps.
+    // rather than after the restart. A server that is not running yet gets them after the
+    // steps.
     let is_postgres = inventory.postgres_host().name == remote.host();
     let database_first = is_postgres
         && !plan.database_changes.is_empty()

@@ -157,8 +157,8 @@ impl Deployment {
     }
 
     /// Applies every host, tier by tier. Worker hosts whose running worker would restart
-    /// go at most `max_unavailable` at a time, so the queue keeps draining; after one fails,
-    /// those not started yet are left as they are.
+    /// go at most `max_unavailable` at a time, so the queue keeps draining. Once one of them
+    /// fails, those not started yet are left as they are.
     pub async fn apply(&self, max_unavailable: usize) -> Vec<HostReport> {
         let started = std::time::Instant::now();
         // Every host is connected to and planned at once: the SSH handshakes and the reading
@@ -315,7 +315,7 @@ impl Deployment {
     }
 }
 
-/// Whether `plan` restarts a worker that is running now, taking it away from the queue.
+/// Tells whether `plan` restarts a worker that is running now, taking it off the queue.
 fn restarts_worker(plan: &HostPlan) -> bool {
     plan.steps
         .iter()

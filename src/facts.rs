@@ -12,7 +12,7 @@ use crate::ssh::{Remote, RemoteCommand, SshError};
 /// writing a file and restarting its service restarts it on the next apply.
 pub const PENDING_RESTARTS_FILE: &str = "/var/lib/yametee-deploy/pending-restarts";
 
-/// Where apply records the firewall it left in sync: the checksum of ufw's own state files,
+/// File in which apply records the firewall it left in sync: the checksum of ufw's own state files,
 /// then the rules, one per line. While the checksum still matches, the next run reads the
 /// rules from here instead of starting ufw, a Python program, twice.
 pub const FIREWALL_RECORD_FILE: &str = "/var/lib/yametee-deploy/firewall";
@@ -382,7 +382,8 @@ mod tests {
             encode("allow 22/tcp comment 'ssh'\nallow 80/tcp\n")
         );
         let facts = parse_gathered(&recorded, &desired).expect("parses");
-        assert!(facts.firewall.from_record && facts.firewall.active);
+        assert!(facts.firewall.from_record);
+        assert!(facts.firewall.active);
         assert!(facts.firewall.incoming_denied);
         assert_eq!(
             facts.firewall.rules,

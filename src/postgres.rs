@@ -9,7 +9,7 @@ use crate::ssh::{Remote, RemoteCommand, SshError};
 /// Action of the planned change when the server was not running, so nothing could be checked.
 const WAIT_FOR_SERVER: &str = "ensure";
 
-/// Whether `planned` says the server was not running when planned: the role and database
+/// Tells whether `planned` shows the server was not running when planned: the role and database
 /// can then only be made once apply has started it.
 pub fn waits_for_server(planned: &[Change]) -> bool {
     planned

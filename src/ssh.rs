@@ -586,7 +586,7 @@ impl Remote {
         })
     }
 
-    /// Whether the master connection still works.
+    /// Tells whether the master connection still works.
     async fn is_alive(&self) -> bool {
         self.session.check().await.is_ok()
     }

@@ -642,7 +642,7 @@ ps -o rss= -p "$pid""#;
         let expected = self.inventory.hosts_with(Role::Worker).count();
         let alive = self.worker_heartbeats(remote).await?;
         // Redis hands each job to the worker that has waited longest, so probes sent one by
-        // one go round the workers; the bound leaves room for uneven turns.
+        // one go round the workers. The bound leaves room for uneven turns.
         let most = 4 * alive.len().max(1) + 1;
         let mut taken: BTreeMap<String, Vec<u128>> = BTreeMap::new();
         let started = Instant::now();
@@ -698,7 +698,7 @@ ps -o rss= -p "$pid""#;
         ))
     }
 
-    /// The worker instances whose heartbeat key is in Redis.
+    /// Lists the worker instances whose heartbeat key is in Redis.
     async fn worker_heartbeats(&self, remote: &Remote) -> Result<BTreeSet<String>, NotPassed> {
         let pattern = format!("{HEARTBEAT_KEY_PREFIX}*");
         let scan = queue::redis_cli(

@@ -381,14 +381,20 @@ fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no host {name} in {report:#}"))
 }
 
+/// The lab's generated secrets, by environment variable name.
+fn lab_secrets() -> std::collections::BTreeMap<String, String> {
+    let text = std::fs::read_to_string(lab_dir().join("secrets.json")).expect("lab secrets.json");
+    serde_json::from_str(&text).expect("secrets.json is a JSON object of strings")
+}
+
 fn lab_secret_values() -> Vec<String> {
-    let dir = std::env::var_os("YAMETEE_LAB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/yametee-deploy/lab"));
-    let text = std::fs::read_to_string(dir.join("secrets.json")).expect("lab secrets.json");
-    let secrets: std::collections::BTreeMap<String, String> =
-        serde_json::from_str(&text).expect("secrets.json is a JSON object of strings");
-    secrets.into_values().collect()
+    lab_secrets().into_values().collect()
+}
+
+fn lab_redis_password() -> String {
+    lab_secrets()
+        .remove("YAMETEE_REDIS_PASSWORD")
+        .expect("the lab's Redis password")
 }
 
 /// Changing one setting shows exactly that diff, with no secret in it, and restarts only the
@@ -535,10 +541,7 @@ fn interrupted_apply_restarts_next_time(dir: &Path) {
 
 /// A host whose key differs from the pinned one is refused, with the key named.
 fn changed_host_key_is_refused() {
-    let dir = std::env::var_os("YAMETEE_LAB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/yametee-deploy/lab"));
-    let path = dir.join("known_hosts");
+    let path = lab_dir().join("known_hosts");
     let original = std::fs::read_to_string(&path).expect("lab known_hosts");
     let web_key = original
         .lines()
@@ -593,6 +596,14 @@ fn failed_checks(report: &Value) -> Vec<String> {
 
 /// A stopped worker turns exactly the checks that depend on it red, and apply starts it again.
 fn stopped_worker_fails_its_checks() {
+    let status = deploy(&["--lab", "--format", "json", "status"]);
+    let report = json(&status);
+    assert_eq!(status.status.code(), Some(0), "{report:#}");
+    assert_eq!(
+        workers_alive(&report),
+        vec![("yametee-worker@worker".into(), true)]
+    );
+
     let stop = deploy(&[
         "lab",
         "ssh",
@@ -630,6 +641,15 @@ fn stopped_worker_fails_its_checks() {
         "{report:#}"
     );
 
+    let status = deploy(&["--lab", "--format", "json", "status"]);
+    let report = json(&status);
+    assert_eq!(status.status.code(), Some(1), "{report:#}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(
+        workers_alive(&report),
+        vec![("yametee-worker@worker".into(), false)]
+    );
+
     let apply = deploy(&["--lab", "--format", "json", "apply"]);
     let report = json(&apply);
     assert_eq!(apply.status.code(), Some(0), "{report:#}");
@@ -663,11 +683,7 @@ fn lab_dir() -> PathBuf {
 /// Runs `redis-cli ARGS` on the lab's Redis host, the password passed on standard input.
 fn lab_redis(args: &str) -> String {
     use std::io::Write;
-    let text = std::fs::read_to_string(lab_dir().join("secrets.json")).expect("lab secrets.json");
-    let secrets: Value = serde_json::from_str(&text).expect("secrets.json is JSON");
-    let password = secrets["YAMETEE_REDIS_PASSWORD"]
-        .as_str()
-        .expect("the lab's Redis password");
+    let password = lab_redis_password();
     let script =
         format!("IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH; redis-cli --no-raw {args}");
     let mut child = deploy_command(
@@ -906,6 +922,21 @@ fn cut_connection_fails_only_its_host() {
     assert_eq!(host(&report, "web")["outcome"], "changed", "{report:#}");
 }
 
+/// Each worker instance in a `status --format json` report and whether it is alive.
+fn workers_alive(report: &Value) -> Vec<(String, bool)> {
+    report["workers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no workers in {report:#}"))
+        .iter()
+        .map(|worker| {
+            (
+                worker["instance"].as_str().expect("instance").to_string(),
+                worker["alive"].as_bool().expect("alive"),
+            )
+        })
+        .collect()
+}
+
 /// Addresses ufw on `host` lets reach `port`, from `ufw show added`.
 fn allowed_sources(host_name: &str, port: u16) -> Vec<String> {
     let added = lab_ssh(host_name, "sudo ufw show added");
@@ -1012,6 +1043,20 @@ fn second_worker_joins_and_leaves(dir: &Path) {
 
     let (code, report, failed) = verify_failures(&inventory);
     assert_eq!((code, failed), (Some(0), vec![]), "{report:#}");
+    let status = deploy_with(
+        &inventory,
+        &worker,
+        &["--lab", "--format", "json", "status"],
+    );
+    let report_status = json(&status);
+    assert_eq!(status.status.code(), Some(0), "{report_status:#}");
+    assert_eq!(
+        workers_alive(&report_status),
+        vec![
+            ("yametee-worker@worker".into(), true),
+            ("yametee-worker@worker-2".into(), true)
+        ]
+    );
     let probe = check_detail(&report, "web", "e2e.probe-job");
     for instance in ["yametee-worker@worker ", "yametee-worker@worker-2 "] {
         assert!(probe.contains(instance), "{instance}took no probe: {probe}");
@@ -1091,11 +1136,7 @@ fn second_worker_joins_and_leaves(dir: &Path) {
 /// Redis password on standard input.
 fn lab_redis_pusher(count: u64) -> std::process::Child {
     use std::io::Write;
-    let text = std::fs::read_to_string(lab_dir().join("secrets.json")).expect("lab secrets.json");
-    let secrets: Value = serde_json::from_str(&text).expect("secrets.json is JSON");
-    let password = secrets["YAMETEE_REDIS_PASSWORD"]
-        .as_str()
-        .expect("password");
+    let password = lab_redis_password();
     let script = format!(
         r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
 i=0

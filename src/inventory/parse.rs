@@ -181,7 +181,7 @@ impl Reader {
         }
     }
 
-    /// A list of OpenSSH key exchange algorithm names separated by commas.
+    /// Reads `key_exchange`: OpenSSH key exchange algorithm names separated by commas.
     fn optional_key_exchange(&mut self, mapping: &Mapping) -> Option<String> {
         let value = self.optional_string(mapping, "key_exchange")?;
         let valid = value.split(',').all(|name| {
