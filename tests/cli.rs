@@ -258,10 +258,9 @@ fn inventory_copy() -> (tempfile::TempDir, PathBuf, String) {
     (dir, path, original)
 }
 
-#[test]
-fn add_host_appends_worker_2() {
-    let (_dir, path, original) = inventory_copy();
-    let output = run(&[
+/// Runs `inventory add-host worker-2` on the inventory at `path`.
+fn add_worker_2(path: &Path) -> Output {
+    run(&[
         "-i",
         path.to_str().unwrap(),
         "inventory",
@@ -271,7 +270,13 @@ fn add_host_appends_worker_2() {
         "192.168.120.46",
         "--role",
         "worker",
-    ]);
+    ])
+}
+
+#[test]
+fn add_host_appends_worker_2() {
+    let (_dir, path, original) = inventory_copy();
+    let output = add_worker_2(&path);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
 
@@ -299,17 +304,7 @@ fn add_host_appends_worker_2() {
 #[test]
 fn remove_host_deletes_its_block() {
     let (_dir, path, original) = inventory_copy();
-    let added = run(&[
-        "-i",
-        path.to_str().unwrap(),
-        "inventory",
-        "add-host",
-        "worker-2",
-        "--address",
-        "192.168.120.46",
-        "--role",
-        "worker",
-    ]);
+    let added = add_worker_2(&path);
     assert_eq!(added.status.code(), Some(0), "{}", text(&added.stderr));
 
     let output = run(&[
@@ -522,49 +517,34 @@ fn inventory_check_suggests_key() {
     );
 }
 
-#[test]
-fn status_rejects_junit_format() {
+/// Runs `status` with `args` on the repository's inventory and returns its standard error,
+/// checking it was refused as a usage error (exit code 2).
+fn status_usage_error(args: &[&str]) -> String {
     let inventory = repository_inventory();
-    let output = run_with_secrets(&[
-        "-i",
-        inventory.to_str().unwrap(),
-        "--format",
-        "junit",
-        "status",
-    ]);
+    let mut all = vec!["-i", inventory.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let output = run_with_secrets(&all);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn status_rejects_junit_format() {
+    let stderr = status_usage_error(&["--format", "junit", "status"]);
     assert!(stderr.contains("status has no junit format"), "{stderr}");
 }
 
 #[test]
 fn status_interval_needs_watch() {
-    let inventory = repository_inventory();
-    let output = run_with_secrets(&[
-        "-i",
-        inventory.to_str().unwrap(),
-        "status",
-        "--interval",
-        "5",
-    ]);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let stderr = status_usage_error(&["status", "--interval", "5"]);
     assert!(stderr.contains("--watch"), "{stderr}");
 }
 
 #[test]
 fn status_without_worker_host_is_usage_error() {
     // Rejected before any connection: the selection has no worker host to read Redis from.
-    let inventory = repository_inventory();
-    let output = run_with_secrets(&[
-        "-i",
-        inventory.to_str().unwrap(),
-        "--limit",
-        "web",
-        "status",
-    ]);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let stderr = status_usage_error(&["--limit", "web", "status"]);
     assert!(stderr.contains("no worker host is selected"), "{stderr}");
     assert!(
         stderr.contains("hint: select one with --limit, such as --limit worker"),

@@ -682,23 +682,9 @@ fn lab_dir() -> PathBuf {
 
 /// Runs `redis-cli ARGS` on the lab's Redis host, the password passed on standard input.
 fn lab_redis(args: &str) -> String {
-    use std::io::Write;
-    let password = lab_redis_password();
     let script =
         format!("IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH; redis-cli --no-raw {args}");
-    let mut child = deploy_command(
-        &repository_inventory(),
-        &worker_binary(),
-        &["lab", "ssh", "redis", &script],
-    )
-    .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("yametee-deploy starts");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{password}").expect("writing the password");
-    drop(stdin);
+    let child = spawn_with_redis_password("redis", &script);
     let output = child.wait_with_output().expect("lab ssh runs");
     assert!(
         output.status.success(),
@@ -1135,8 +1121,6 @@ fn second_worker_joins_and_leaves(dir: &Path) {
 /// Starts pushing `count` cache:warm jobs from the web host, one every 10 ms, with the lab's
 /// Redis password on standard input.
 fn lab_redis_pusher(count: u64) -> std::process::Child {
-    use std::io::Write;
-    let password = lab_redis_password();
     let script = format!(
         r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
 i=0
@@ -1147,10 +1131,17 @@ while [ "$i" -lt {count} ]; do
   sleep 0.01
 done"#
     );
+    spawn_with_redis_password("web", &script)
+}
+
+/// Starts `script` on the lab host `host_name` with the lab's Redis password as the first
+/// line of its standard input.
+fn spawn_with_redis_password(host_name: &str, script: &str) -> std::process::Child {
+    use std::io::Write;
     let mut child = deploy_command(
         &repository_inventory(),
         &worker_binary(),
-        &["lab", "ssh", "web", &script],
+        &["lab", "ssh", host_name, script],
     )
     .stdin(std::process::Stdio::piped())
     .stdout(std::process::Stdio::piped())
@@ -1158,6 +1149,6 @@ done"#
     .spawn()
     .expect("yametee-deploy starts");
     let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{password}").expect("writing the password");
+    writeln!(stdin, "{}", lab_redis_password()).expect("writing the password");
     child
 }
