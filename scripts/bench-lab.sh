@@ -50,6 +50,13 @@ print(f'{"  results":<34} {sum(len(h["checks"]) for h in report["hosts"])}, ok={
 PY
 step "lab down" "$deploy" lab down
 
+# The deployment other tools were compared on (worker unit, env file, binary, ufw rules, Redis
+# drop-in) has no PostgreSQL settings: fresh hosts again, PostgreSQL converged first, untimed.
+step "lab up (fresh hosts)" "$deploy" lab up
+"$deploy" --lab --limit postgres apply > /dev/null 2>&1 || { echo "error: apply --limit postgres failed" >&2; exit 1; }
+step "apply (cold, PostgreSQL already set)" "$deploy" --lab --limit web,redis,worker apply
+step "lab down" "$deploy" lab down
+
 # Scale: the same inventory with the one worker replaced by N workers, from .100 upwards.
 for count in $scales; do
   python3 - "$count" > "$scratch/scaled.yaml" <<'PY'

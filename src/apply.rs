@@ -638,7 +638,11 @@ async fn roll_back_worker(
         return Ok(false);
     }
 
-    tracing::warn!(host = %remote.host(), release = ?previous_release, "rolling the worker back to the previous release");
+    tracing::warn!(
+        host = %remote.host(),
+        release = previous_release.as_deref().unwrap_or("none"),
+        "rolling the worker back to the previous release"
+    );
     systemctl(remote, &["daemon-reload"], RESTART_TIMEOUT).await?;
     start_unit(remote, "restart", worker_paths::UNIT, RESTART_TIMEOUT).await?;
     report.outcome = Outcome::RolledBack;

@@ -52,7 +52,7 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value = "human")]
     pub format: Format,
 
-    /// Most hosts worked on at once; the hosts of one tier run in parallel up to this bound.
+    /// Maximum number of hosts worked on at once; the hosts of one tier run in parallel up to this bound.
     #[arg(long, global = true, default_value_t = crate::deploy::DEFAULT_PARALLEL_HOSTS as u16,
           value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: u16,
@@ -87,7 +87,7 @@ pub enum Command {
     /// Converge every host; restart only what changed; roll the worker back if it does not
     /// report ready.
     Apply {
-        /// Most worker hosts restarting at once. The others keep consuming; each waits for
+        /// Maximum number of worker hosts restarting at once. The others keep consuming; each waits for
         /// the previous to report ready, and the rollout stops at the first that does not.
         #[arg(long, default_value_t = 1, value_name = "N",
               value_parser = clap::value_parser!(u16).range(1..))]
@@ -126,7 +126,7 @@ pub enum Command {
     /// Enqueue jobs in the web platform's format.
     #[command(subcommand)]
     Job(JobCommand),
-    /// Validate and show the inventory.
+    /// Check, show or edit the inventory.
     #[command(subcommand)]
     Inventory(InventoryCommand),
     /// Local replica of the inventory's hosts in systemd-nspawn containers (needs root).
@@ -335,6 +335,12 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             probe_timeout,
         } => {
             let deployment = deployment(&cli, lab_context.as_ref(), false)?;
+            // `--check a,` or `--check ''` leave empty names, which select nothing.
+            let checks: &Vec<String> = &checks
+                .iter()
+                .map(|check| check.trim().to_string())
+                .filter(|check| !check.is_empty())
+                .collect();
             let verifier = Verifier {
                 inventory: &deployment.inventory,
                 secrets: &deployment.secrets,
@@ -535,8 +541,10 @@ async fn push_job(
         _ => {
             println!("{id}");
             eprintln!(
-                "pushed job {id} from {} onto {}; {length} jobs waiting",
-                host.name, inventory.app.queue
+                "pushed job {id} from {} onto {}; {length} job{} waiting",
+                host.name,
+                inventory.app.queue,
+                if length == 1 { "" } else { "s" }
             );
         }
     }
@@ -819,8 +827,13 @@ fn lab_command(cli: &Cli, command: &LabCommand) -> Result<u8, Fatal> {
             })
         }
         LabCommand::Ssh { host, command } => {
-            let mut ssh =
-                lab::ssh_command(host, remote_command_line(command)).map_err(lab_error)?;
+            let mut ssh = lab::ssh_command(host, remote_command_line(command)).map_err(
+                |error| match error {
+                    // A host name the lab does not have is a mistake in the command line.
+                    lab::LabError::UnknownHost { .. } => Fatal::usage(error_chain(&error)),
+                    error => lab_error(error),
+                },
+            )?;
             let status = ssh
                 .status()
                 .map_err(|error| Fatal::failure(format!("cannot run ssh: {error}")))?;

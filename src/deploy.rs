@@ -222,13 +222,15 @@ impl Deployment {
                         let mut report = empty_report(host);
                         report.outcome = Outcome::Skipped;
                         report.error = Some(format!(
-                            "left as it is, old worker running: the rolling restart stopped \
-                             after host {failed_host} failed"
+                            "not deployed: the rolling restart stopped after host \
+                             {failed_host} failed; this host keeps its running worker"
                         ));
+                        report.duration_ms = started.elapsed().as_millis() as u64;
                         return report;
                     }
                     let _permit = limit.acquire().await.expect("semaphore is never closed");
-                    let report = self.apply_one(host, connection).await;
+                    let mut report = self.apply_one(host, connection).await;
+                    report.duration_ms = started.elapsed().as_millis() as u64;
                     if rolling && !report.outcome.is_success() {
                         rollout_failed
                             .lock()
@@ -239,8 +241,7 @@ impl Deployment {
                 }
             }))
             .await;
-            for mut report in tier_reports {
-                report.duration_ms = started.elapsed().as_millis() as u64;
+            for report in tier_reports {
                 if !report.outcome.is_success() {
                     failed.push(report.name.clone());
                 }

@@ -139,23 +139,25 @@ pub fn apply(reports: &[HostReport], format: Format) -> String {
                     let _ = writeln!(text, "  error: {error}");
                 }
             }
-            let failed = reports
-                .iter()
-                .filter(|report| !report.outcome.is_success())
-                .count();
-            let _ = writeln!(
+            let count = |outcome: Outcome| {
+                reports
+                    .iter()
+                    .filter(|report| report.outcome == outcome)
+                    .count()
+            };
+            let failed = count(Outcome::Failed) + count(Outcome::RolledBack);
+            let _ = write!(
                 text,
                 "\n{} hosts: {} changed, {} unchanged, {failed} failed",
                 reports.len(),
-                reports
-                    .iter()
-                    .filter(|report| report.outcome == Outcome::Changed)
-                    .count(),
-                reports
-                    .iter()
-                    .filter(|report| report.outcome == Outcome::Unchanged)
-                    .count(),
+                count(Outcome::Changed),
+                count(Outcome::Unchanged),
             );
+            let skipped = count(Outcome::Skipped);
+            if skipped > 0 {
+                let _ = write!(text, ", {skipped} skipped");
+            }
+            text.push('\n');
             text
         }
     }

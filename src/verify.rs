@@ -439,7 +439,9 @@ impl<'a> Verifier<'a> {
         let queue = &self.inventory.app.queue;
         let script = r#"IFS= read -r REDISCLI_AUTH; export REDISCLI_AUTH
 q="$1"; port="$2"
-cli() { redis-cli -h 127.0.0.1 -p "$port" "$@"; }
+cli() { timeout 5 redis-cli -h 127.0.0.1 -p "$port" "$@"; }
+pong=$(cli PING 2>&1)
+[ "$pong" = PONG ] || { printf '%s\n' "$pong" >&2; exit 1; }
 echo "pending $(cli LLEN "$q")"
 inflight=0
 for key in $(cli --scan --pattern "$q:inflight:*"); do
@@ -451,7 +453,19 @@ echo "dead $(cli LLEN "$q:dead")""#;
         let port = self.inventory.app.redis.port.to_string();
         let command = RemoteCommand::script("read the queue depths", script, &[queue, &port])
             .stdin(format!("{}\n", self.secrets.get("app.redis.password")));
-        let output = run(remote, &command).await?;
+        let output = remote
+            .output(&command)
+            .await
+            .map_err(|error| error_chain(&error))?;
+        if !output.success() {
+            return Err(format!(
+                "cannot read the queue depths: redis-cli PING on the Redis host answered {:?}; \
+                 see `sudo systemctl status redis-server` there",
+                output.stderr.trim()
+            )
+            .into());
+        }
+        let output = output.stdout;
 
         let thresholds = &self.inventory.app.thresholds;
         let limits = [
@@ -489,7 +503,8 @@ echo "dead $(cli LLEN "$q:dead")""#;
             Err(format!(
                 "{} (thresholds are under app.thresholds in the inventory); see \
                  `yametee-deploy status`, and the failed jobs with \
-                 `redis-cli LRANGE {queue}:dead 0 9` on the Redis host",
+                 `redis-cli LRANGE {queue}:dead 0 9` on the Redis host (password in \
+                 REDISCLI_AUTH)",
                 over.join("; ")
             )
             .into())
@@ -540,7 +555,10 @@ journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
             )
             .into());
         }
-        let reply = output.stdout;
+        let reply = match output.stdout.trim() {
+            "" => output.stderr.trim().to_string(),
+            reply => reply.to_string(),
+        };
         if reply.trim() == "PONG" {
             Ok(format!("PONG from {address}:{port}"))
         } else {
@@ -641,21 +659,25 @@ ps -o rss= -p "$pid""#;
     async fn probe_job(&self, remote: &Remote) -> CheckOutcome {
         let expected = self.inventory.hosts_with(Role::Worker).count();
         let alive = self.worker_heartbeats(remote).await?;
-        // Redis hands each job to the worker that has waited longest, so probes sent one by
-        // one go round the workers. The bound leaves room for uneven turns.
+        // An idle worker waits in BLMOVE, and Redis hands the jobs of one push to the waiting
+        // workers one each, longest waiting first: the first round sends one probe per
+        // worker. A worker that was busy gets one of the probes sent one by one after it. The
+        // bound leaves room for uneven turns.
         let most = 4 * alive.len().max(1) + 1;
         let mut taken: BTreeMap<String, Vec<u128>> = BTreeMap::new();
         let started = Instant::now();
         let mut sent = 0;
-        while sent < most && alive.iter().any(|instance| !taken.contains_key(instance)) {
+        let mut round = alive.len().max(1);
+        while sent < most
+            && (sent == 0 || alive.iter().any(|instance| !taken.contains_key(instance)))
+        {
             let remaining = self.probe_timeout.saturating_sub(started.elapsed());
-            let (id, latency, worker) = self.one_probe(remote, remaining).await?;
-            sent += 1;
-            tracing::debug!(%id, %worker, latency, "probe processed");
-            taken.entry(worker).or_default().push(latency);
-            if alive.is_empty() {
-                break;
+            for (id, latency, worker) in self.probe_round(remote, round, remaining).await? {
+                tracing::debug!(%id, %worker, latency, "probe processed");
+                taken.entry(worker).or_default().push(latency);
             }
+            sent += round;
+            round = 1;
         }
 
         let idle: Vec<&String> = alive
@@ -685,10 +707,11 @@ ps -o rss= -p "$pid""#;
         }
         if alive.len() < expected {
             return Err(format!(
-                "{expected} worker hosts in the inventory but {} worker heartbeat{} in Redis; \
-                 processed by {summary}; run `yametee-deploy status` to see which is missing",
-                alive.len(),
-                if alive.len() == 1 { "" } else { "s" },
+                "{} in the inventory but {} in Redis; the probe jobs were processed by \
+                 {summary}; `yametee-deploy status`, with the same options, shows which is \
+                 missing",
+                plural(expected, "worker host"),
+                plural(alive.len(), "worker heartbeat"),
             )
             .into());
         }
@@ -715,67 +738,109 @@ ps -o rss= -p "$pid""#;
             .collect())
     }
 
-    /// Pushes one probe job and waits up to `limit` for its result. Returns the job's id, the
-    /// milliseconds until its result was seen and the worker instance that processed it.
-    async fn one_probe(
+    /// Pushes `count` probe jobs in one command and waits up to `limit` for their results.
+    /// Returns, for each job, its id, the milliseconds until its result was seen and the
+    /// worker instance that processed it.
+    async fn probe_round(
         &self,
         remote: &Remote,
+        count: usize,
         limit: Duration,
-    ) -> Result<(String, u128, String), NotPassed> {
+    ) -> Result<Vec<(String, u128, String)>, NotPassed> {
         let app = &self.inventory.app;
-        let id = queue::new_job_id("probe");
-        let job = queue::job_json(&id, "verify:probe", serde_json::json!({}));
+        let jobs: Vec<(String, String)> = (0..count)
+            .map(|_| {
+                let id = queue::new_job_id("probe");
+                let job = queue::job_json(&id, "verify:probe", serde_json::json!({}));
+                (id, job)
+            })
+            .collect();
         let started = Instant::now();
-        queue::push(remote, self.inventory, self.secrets, &job)
-            .await
-            .map_err(|error| error_chain(&error))?;
+        let mut push = vec!["RPUSH", app.queue.as_str()];
+        push.extend(jobs.iter().map(|(_, job)| job.as_str()));
+        run(
+            remote,
+            &queue::redis_cli(self.inventory, self.secrets, "push probe jobs", &push),
+        )
+        .await?;
 
-        let key = format!("{PROBE_KEY_PREFIX}{id}");
-        let get = queue::redis_cli(
-            self.inventory,
-            self.secrets,
-            "read the probe result",
-            &["GET", &key],
-        );
-        // Bounded by the probe timeout; each round trip is one GET.
+        let keys: Vec<String> = jobs
+            .iter()
+            .map(|(id, _)| format!("{PROBE_KEY_PREFIX}{id}"))
+            .collect();
+        let mut get = vec!["MGET"];
+        get.extend(keys.iter().map(String::as_str));
+        let get = queue::redis_cli(self.inventory, self.secrets, "read the probe results", &get);
+        let mut results: Vec<Option<(u128, String)>> = vec![None; count];
+        // Bounded by the probe timeout; each round trip is one MGET.
         while started.elapsed() < limit {
-            let value = run(remote, &get).await?;
-            let value = value.trim();
-            if !value.is_empty() {
-                let latency = started.elapsed().as_millis();
-                let worker = serde_json::from_str::<serde_json::Value>(value)
-                    .ok()
-                    .and_then(|result| {
-                        result
-                            .get("worker")
-                            .and_then(|w| w.as_str())
-                            .map(String::from)
+            let values = run(remote, &get).await?;
+            for (slot, value) in results.iter_mut().zip(values.lines()) {
+                let value = value.trim();
+                if slot.is_none() && !value.is_empty() {
+                    let worker = serde_json::from_str::<serde_json::Value>(value)
+                        .ok()
+                        .and_then(|result| result.get("worker")?.as_str().map(String::from))
+                        .unwrap_or_else(|| "a worker".into());
+                    *slot = Some((started.elapsed().as_millis(), worker));
+                }
+            }
+            if results.iter().all(Option::is_some) {
+                return Ok(jobs
+                    .into_iter()
+                    .zip(results)
+                    .map(|((id, _), result)| {
+                        let (latency, worker) = result.expect("all seen");
+                        (id, latency, worker)
                     })
-                    .unwrap_or_else(|| "a worker".into());
-                return Ok((id, latency, worker));
+                    .collect());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        // Take the job back so that a worker started later does not process a stale probe.
-        let remove = queue::redis_cli(
-            self.inventory,
-            self.secrets,
-            "remove the probe job",
-            &["LREM", &app.queue, "1", &job],
-        );
-        let removed = match run(remote, &remove).await {
-            Ok(count) if count.trim() == "1" => "; it was still queued and has been removed",
-            _ => "",
+        // Take the jobs back so that a worker started later does not process stale probes.
+        let mut waiting = Vec::new();
+        let mut removed = 0;
+        for ((id, job), result) in jobs.iter().zip(&results) {
+            if result.is_some() {
+                continue;
+            }
+            waiting.push(id.as_str());
+            let remove = queue::redis_cli(
+                self.inventory,
+                self.secrets,
+                "remove the probe job",
+                &["LREM", &app.queue, "1", job],
+            );
+            if matches!(run(remote, &remove).await, Ok(count) if count.trim() == "1") {
+                removed += 1;
+            }
+        }
+        let removed = match removed {
+            0 => String::new(),
+            n => format!("; {n} still queued and removed"),
+        };
+        let (jobs, were) = match waiting.len() {
+            1 => ("job", "was"),
+            _ => ("jobs", "were"),
         };
         Err(format!(
-            "job {id} pushed to {} was not processed within {} s{removed}; look at \
+            "probe {jobs} {} pushed to {} {were} not processed within {} s{removed}; look at \
              `journalctl -u {}` on the worker hosts",
+            waiting.join(", "),
             app.queue,
             self.probe_timeout.as_secs(),
             worker_paths::UNIT
         )
         .into())
+    }
+}
+
+/// Counts `thing` for a message: `1 worker host`, `2 worker hosts`.
+fn plural(count: usize, thing: &str) -> String {
+    match count {
+        1 => format!("1 {thing}"),
+        _ => format!("{count} {thing}s"),
     }
 }
 

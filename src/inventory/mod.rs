@@ -242,6 +242,10 @@ impl Inventory {
             .map(|name| name.trim().to_string())
             .filter(|name| !name.is_empty())
             .collect();
+        if names.is_empty() {
+            // An unset variable in `--limit "$HOSTS"` must not select nothing and succeed.
+            return Err(InventoryError::EmptyLimit);
+        }
         let unknown: Vec<String> = names
             .iter()
             .filter(|name| self.host(name).is_none())
@@ -307,6 +311,11 @@ pub enum InventoryError {
         names: Vec<String>,
         known: Vec<String>,
     },
+    #[error(
+        "--limit names no host; give host names separated by commas, or leave --limit out \
+             to work on every host"
+    )]
+    EmptyLimit,
 }
 
 fn format_problems(path: &Path, problems: &[Problem]) -> String {

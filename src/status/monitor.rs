@@ -200,11 +200,16 @@ impl<'a> Monitor<'a> {
         let connection = snapshot::connect(&address, password)
             .await
             .map_err(|error| {
+                // The local socket is an internal detail; what the operator can act on is
+                // the Redis server behind the forward.
+                let cause = error_chain(&error);
+                let cause = cause.rsplit('\n').next().unwrap_or(&cause).to_string();
                 format!(
-                    "{} (forwarded through host {} to {}:{port})",
-                    error_chain(&error),
+                    "cannot reach Redis at {}:{port} from host {}: {cause}; is redis-server \
+                     running on host {}? `yametee-deploy verify --check redis,queue` tells more",
+                    redis_host.address,
                     remote.host(),
-                    redis_host.address
+                    redis_host.name
                 )
             })?;
         tracing::debug!(host = %remote.host(), "forwarding Redis");

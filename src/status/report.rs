@@ -296,11 +296,31 @@ fn cut(line: &str, width: usize) -> String {
 
 /// Renders `report` as JSON: indented for a single report, one line per report with
 /// `--watch` so that a reader can take one document per line.
+/// Keys of the queue snapshot in the JSON document, present as `null` when Redis could not be
+/// read, so that a script reading one never finds it missing.
+const SNAPSHOT_KEYS: [&str; 7] = [
+    "time_unix_ms",
+    "queue",
+    "jobs",
+    "processed",
+    "failed",
+    "rate_window_secs",
+    "workers",
+];
+
 pub fn json(report: &StatusReport, one_line: bool) -> String {
+    let mut value = serde_json::to_value(report).expect("status report serializes");
+    if let Some(object) = value.as_object_mut() {
+        for key in SNAPSHOT_KEYS.iter().chain(&["error"]) {
+            object
+                .entry(key.to_string())
+                .or_insert(serde_json::Value::Null);
+        }
+    }
     let text = if one_line {
-        serde_json::to_string(report)
+        serde_json::to_string(&value)
     } else {
-        serde_json::to_string_pretty(report)
+        serde_json::to_string_pretty(&value)
     };
     text.expect("status report serializes") + "\n"
 }
@@ -505,11 +525,11 @@ journal of worker (last 2 lines)
         assert_eq!(document["hosts"][0]["name"], "worker");
         assert_eq!(document["hosts"][0]["instance"], "yametee-worker@worker");
         assert_eq!(document["hosts"][0]["journal"].as_array().unwrap().len(), 2);
-        assert!(document.get("error").is_none());
+        assert_eq!(document["error"], serde_json::Value::Null);
     }
 
     #[test]
-    fn json_without_redis_has_error_and_no_counts() {
+    fn json_without_redis_has_error_and_null_counts() {
         let report = StatusReport::new(Err("connection refused".into()), vec![]);
         let line = json(&report, true);
 
@@ -517,7 +537,10 @@ journal of worker (last 2 lines)
         let document: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(document["ok"], false);
         assert_eq!(document["error"], "connection refused");
-        assert!(document.get("jobs").is_none());
+        for key in SNAPSHOT_KEYS {
+            assert_eq!(document[key], serde_json::Value::Null, "{key}");
+        }
+        assert!(document.get("jobs").is_some());
     }
 
     #[test]
