@@ -551,3 +551,21 @@ fn status_without_worker_host_is_usage_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn empty_limit_is_usage_error() {
+    // An unset variable in `--limit "$HOSTS"` must not select nothing and pass.
+    let inventory = repository_inventory();
+    for limit in ["", ","] {
+        let output = run_with_secrets(&[
+            "-i",
+            inventory.to_str().unwrap(),
+            "--limit",
+            limit,
+            "verify",
+        ]);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "--limit {limit:?}: {stderr}");
+        assert!(stderr.contains("--limit names no host"), "{stderr}");
+    }
+}
