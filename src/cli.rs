@@ -289,7 +289,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
         Command::Render { out } => render(&cli, out.as_deref()),
         Command::Lab(command) => lab_command(&cli, command),
         Command::Plan { detailed_exitcode } => {
-            let deployment = deployment(&cli, lab_context.as_ref(), true)?;
+            let deployment = deployment(&cli, lab_context.as_ref(), true, None)?;
             let reports = deployment.plan().await;
             crate::progress::finish();
             print!("{}", report::plan(&reports, cli.format));
@@ -302,7 +302,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             })
         }
         Command::Apply { max_unavailable } => {
-            let deployment = deployment(&cli, lab_context.as_ref(), true)?;
+            let deployment = deployment(&cli, lab_context.as_ref(), true, None)?;
             let reports = deployment.apply(usize::from(*max_unavailable)).await;
             crate::progress::finish();
             print!("{}", report::apply(&reports, cli.format));
@@ -319,7 +319,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
                     "status has no junit format; use --format human or --format json",
                 ));
             }
-            let deployment = deployment(&cli, lab_context.as_ref(), false)?;
+            let deployment = deployment(&cli, lab_context.as_ref(), false, Some(REDIS_ONLY))?;
             let output = crate::status::Output {
                 format: cli.format,
                 watch: watch.then(|| std::time::Duration::from_secs(*interval)),
@@ -327,14 +327,14 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             status(&deployment, output, *lines as usize).await
         }
         Command::Job(JobCommand::Push { job_type, data, id }) => {
-            let deployment = deployment(&cli, lab_context.as_ref(), false)?;
+            let deployment = deployment(&cli, lab_context.as_ref(), false, Some(REDIS_ONLY))?;
             push_job(&cli, &deployment, job_type, data, id.as_deref()).await
         }
         Command::Verify {
             checks,
             probe_timeout,
         } => {
-            let deployment = deployment(&cli, lab_context.as_ref(), false)?;
+            let deployment = deployment(&cli, lab_context.as_ref(), false, None)?;
             // `--check a,` or `--check ''` leave empty names, which select nothing.
             let checks: &Vec<String> = &checks
                 .iter()
@@ -392,17 +392,22 @@ fn load_inventory(cli: &Cli) -> Result<(Inventory, Vec<String>), Fatal> {
     Ok((inventory, targets))
 }
 
-/// Resolves inventory, secrets, SSH settings and the worker binary before any connection.
+/// The secrets of commands that only talk to Redis.
+const REDIS_ONLY: &[&str] = &["app.redis.password"];
+
+/// Resolves inventory, secrets (all, or those in `secrets` when given), SSH settings and the
+/// worker binary before any connection.
 fn deployment(
     cli: &Cli,
     lab: Option<&LabContext>,
     binary_required: bool,
+    secrets: Option<&[&str]>,
 ) -> Result<Deployment, Fatal> {
     let (inventory, targets) = load_inventory(cli)?;
     let fallback = lab
         .map(|context| context.secrets.clone())
         .unwrap_or_default();
-    let secrets = Secrets::resolve(&inventory, &fallback).map_err(|error| {
+    let secrets = Secrets::resolve_only(&inventory, &fallback, secrets).map_err(|error| {
         let fatal = Fatal::usage(error_chain(&error));
         if cli.lab {
             fatal

@@ -46,8 +46,21 @@ impl Secrets {
         inventory: &Inventory,
         fallback: &BTreeMap<String, String>,
     ) -> Result<Secrets, SecretError> {
+        Secrets::resolve_only(inventory, fallback, None)
+    }
+
+    /// Like [`Secrets::resolve`], reading only the settings in `needed` when given: a command
+    /// that talks to Redis alone should not need the database password.
+    pub fn resolve_only(
+        inventory: &Inventory,
+        fallback: &BTreeMap<String, String>,
+        needed: Option<&[&str]>,
+    ) -> Result<Secrets, SecretError> {
         let mut secrets = Secrets::default();
         for (setting, reference) in inventory.secret_refs() {
+            if needed.is_some_and(|needed| !needed.contains(&setting)) {
+                continue;
+            }
             let value = match reference {
                 SecretRef::Env(name) => match std::env::var(name) {
                     Ok(value) => value,

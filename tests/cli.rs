@@ -569,3 +569,26 @@ fn empty_limit_is_usage_error() {
         assert!(stderr.contains("--limit names no host"), "{stderr}");
     }
 }
+
+#[test]
+fn status_needs_only_the_redis_password() {
+    // Without the database password, status gets past its secrets to the host selection.
+    let inventory = repository_inventory();
+    let output = Command::new(binary())
+        .args([
+            "-i",
+            inventory.to_str().unwrap(),
+            "--limit",
+            "web",
+            "status",
+        ])
+        .env_remove("YAMETEE_PG_PASSWORD")
+        .env("YAMETEE_REDIS_PASSWORD", "unused-here")
+        .env_remove("YAMETEE_INVENTORY")
+        .output()
+        .expect("yametee-deploy runs");
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no worker host is selected"), "{stderr}");
+    assert!(!stderr.contains("YAMETEE_PG_PASSWORD"), "{stderr}");
+}
