@@ -202,8 +202,10 @@ impl<'a> Monitor<'a> {
             .map_err(|error| {
                 // The local socket is an internal detail; what the operator can act on is
                 // the Redis server behind the forward.
-                let cause = error_chain(&error);
-                let cause = cause.rsplit('\n').next().unwrap_or(&cause).to_string();
+                let mut cause: &dyn std::error::Error = &error;
+                while let Some(source) = cause.source() {
+                    cause = source;
+                }
                 format!(
                     "cannot reach Redis at {}:{port} from host {}: {cause}; is redis-server \
                      running on host {}? `yametee-deploy verify --check redis,queue` tells more",
