@@ -72,9 +72,7 @@ impl WorkerBinary {
                 self.machine, platform.machine
             ));
         }
-        let Some((major, minor)) = self.min_glibc else {
-            return None;
-        };
+        let (major, minor) = self.min_glibc?;
         let Some(host_glibc) = platform.glibc.as_deref() else {
             return Some(format!(
                 "the worker binary needs glibc {major}.{minor} but the host has no glibc"
