@@ -65,8 +65,9 @@ pub enum EditError {
         value: String,
         expected: String,
     },
-    #[error("unknown key `{key}` in {}, which has: {}{}",
+    #[error("unknown key `{key}` in {}, which has: {}{}{}",
         if parent.is_empty() { "the inventory" } else { parent }, known.join(", "),
+        if parent == "hosts" { "; a new host is added with `inventory add-host`" } else { "" },
         suggestion_text(suggestion))]
     UnknownPath {
         parent: String,
