@@ -105,7 +105,7 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
     let output = remote.run(&command).await?;
     let mut facts = parse_gathered(&output, desired).map_err(|problem| SshError::Failed {
         host: remote.host().to_string(),
-        command: command.summary(),
+        command: command.described(),
         status: "returned unreadable output".into(),
         stderr: problem,
     })?;

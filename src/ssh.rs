@@ -132,6 +132,14 @@ impl RemoteCommand {
 
     /// Returns a short form for messages: the label of a script, or the program and its
     /// first arguments.
+    /// The command for a message: its label as it is, or its words in backticks.
+    pub fn described(&self) -> String {
+        match &self.label {
+            Some(label) => label.clone(),
+            None => format!("`{}`", self.summary()),
+        }
+    }
+
     pub fn summary(&self) -> String {
         if let Some(label) = &self.label {
             return label.clone();
@@ -201,25 +209,25 @@ pub enum SshError {
         secs: u64,
     },
     #[error(
-        "lost the SSH connection to host {host} during `{command}`; whether that command \
+        "lost the SSH connection to host {host} during {command}; whether that command \
              took effect is unknown. Run apply again once the host is reachable: restarts owed \
              are recorded on the host"
     )]
     ConnectionLost { host: String, command: String },
-    #[error("`{command}` on host {host} failed to run")]
+    #[error("{command} on host {host} failed to run")]
     Run {
         host: String,
         command: String,
         #[source]
         source: openssh::Error,
     },
-    #[error("`{command}` on host {host} timed out after {secs} s")]
+    #[error("{command} on host {host} timed out after {secs} s")]
     Timeout {
         host: String,
         command: String,
         secs: u64,
     },
-    #[error("`{command}` on host {host} {status}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    #[error("{command} on host {host} {status}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     Failed {
         host: String,
         command: String,
@@ -235,7 +243,7 @@ pub enum SshError {
         source: openssh::Error,
     },
     #[error(
-        "sudo on host {host} requires a password for `{command}`; the user {user} needs \
+        "sudo on host {host} requires a password for {command}; the user {user} needs \
              passwordless sudo (NOPASSWD) for it"
     )]
     SudoDenied {
@@ -507,20 +515,20 @@ impl Remote {
             {
                 return Err(SshError::ConnectionLost {
                     host: self.destination.host.clone(),
-                    command: command.summary(),
+                    command: command.described(),
                 })
             }
             Ok(Err(source)) => {
                 return Err(SshError::Run {
                     host: self.destination.host.clone(),
-                    command: command.summary(),
+                    command: command.described(),
                     source,
                 })
             }
             Err(_) => {
                 return Err(SshError::Timeout {
                     host: self.destination.host.clone(),
-                    command: command.summary(),
+                    command: command.described(),
                     secs: command.timeout.as_secs(),
                 })
             }
@@ -540,7 +548,7 @@ impl Remote {
             return Err(SshError::SudoDenied {
                 host: self.destination.host.clone(),
                 user: self.destination.user.clone(),
-                command: command.summary(),
+                command: command.described(),
             });
         }
         Ok(result)
@@ -555,7 +563,7 @@ impl Remote {
         }
         Err(SshError::Failed {
             host: self.destination.host.clone(),
-            command: command.summary(),
+            command: command.described(),
             status: describe_status(output.status),
             stderr: last_lines(&output.stderr, 5),
         })
