@@ -174,6 +174,13 @@ impl CommandOutput {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
+    #[error("ssh.key_exchange of host {host} names {}, which the local ssh does not support; \
+             `ssh -Q kex` lists what it does: {}", unknown.join(", "), supported.join(", "))]
+    UnsupportedKeyExchange {
+        host: String,
+        unknown: Vec<String>,
+        supported: Vec<String>,
+    },
     #[error("cannot write the ssh configuration for host {host} to {}", path.display())]
     Config {
         host: String,
@@ -378,6 +385,7 @@ impl Remote {
         // would read them. The first value ssh obtains wins, so the chosen one does.
         let config = match &destination.key_exchange {
             Some(algorithms) => {
+                check_key_exchange(&destination.host, algorithms)?;
                 let path = std::env::temp_dir().join(format!(
                     "yametee-deploy-{}-{}.ssh_config",
                     std::process::id(),
@@ -606,6 +614,43 @@ impl Remote {
     }
 }
 
+/// Checks that the local ssh knows every algorithm of an ssh_config `KexAlgorithms` value, so
+/// that a typing mistake is named before any connection instead of failing inside ssh.
+fn check_key_exchange(host: &str, algorithms: &str) -> Result<(), SshError> {
+    static SUPPORTED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let supported = SUPPORTED.get_or_init(|| {
+        std::process::Command::new("ssh")
+            .args(["-Q", "kex"])
+            .output()
+            .map(|output| {
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .map(|line| line.trim().to_string())
+                    .filter(|line| !line.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    if supported.is_empty() {
+        // ssh will say itself what it thinks of the value.
+        return Ok(());
+    }
+    // A leading +, - or ^ adds to, removes from or puts first in ssh's default list.
+    let names = algorithms.trim_start_matches(['+', '-', '^']).split(',');
+    let unknown: Vec<String> = names
+        .filter(|name| !name.contains(['*', '?']) && !supported.iter().any(|known| known == name))
+        .map(String::from)
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(SshError::UnsupportedKeyExchange {
+        host: host.to_string(),
+        unknown,
+        supported: supported.clone(),
+    })
+}
+
 /// Describes an exit status for messages. 124 is what coreutils' `timeout`, which the remote
 /// scripts wrap around network clients, exits with when its limit ran out.
 fn describe_status(status: Option<i32>) -> String {
@@ -651,6 +696,18 @@ pub fn last_lines(text: &str, count: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_exchange_names_are_checked_against_local_ssh() {
+        // Needs the ssh client, which scripts/setup.sh installs.
+        assert!(check_key_exchange("web", "curve25519-sha256").is_ok());
+        assert!(check_key_exchange("web", "+curve25519-sha256,sntrup761x25519-sha512").is_ok());
+        let error = check_key_exchange("web", "curve25519-sha256,curve25519-sha999")
+            .expect_err("an unknown name is refused");
+        let message = error.to_string();
+        assert!(message.contains("names curve25519-sha999,"), "{message}");
+        assert!(!message.contains("names curve25519-sha256"), "{message}");
+    }
 
     #[test]
     fn shell_quote_leaves_safe_words() {
