@@ -442,6 +442,9 @@ fn ssh_summary(ssh: &SshSettings) -> String {
     if let Some(known_hosts) = &ssh.known_hosts {
         let _ = write!(text, ", known_hosts {}", known_hosts.display());
     }
+    if let Some(algorithms) = &ssh.key_exchange {
+        let _ = write!(text, ", key exchange {algorithms}");
+    }
     text
 }
 
