@@ -557,6 +557,11 @@ async fn push_job(
 }
 
 fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal> {
+    if cli.format == Format::Junit {
+        return Err(Fatal::usage(
+            "inventory commands have no junit format; use --format human or --format json",
+        ));
+    }
     match command {
         InventoryCommand::Check | InventoryCommand::Show => {}
         InventoryCommand::AddHost {
