@@ -156,7 +156,15 @@ while [ "$1" != -- ]; do
 done
 shift
 while [ "$1" != -- ]; do
-  printf 'unit\t%s\t%s\t%s\n' "$1" "$(systemctl is-enabled "$1" 2>/dev/null)" "$(systemctl is-active "$1" 2>/dev/null)"
+  # One systemctl call per unit; the values hold no spaces, so the shell splits them.
+  enabled= active=
+  for line in $(systemctl show --property=UnitFileState --property=ActiveState -- "$1" 2>/dev/null); do
+    case $line in
+      UnitFileState=*) enabled=${line#*=} ;;
+      ActiveState=*) active=${line#*=} ;;
+    esac
+  done
+  printf 'unit\t%s\t%s\t%s\n' "$1" "$enabled" "$active"
   shift
 done
 shift
