@@ -237,11 +237,7 @@ mkdir -p -- "$(dirname -- "$1")"
 mv -- "$1.new" "$1""#,
         checksum = facts::UFW_CHECKSUM_SCRIPT
     );
-    let mut content = String::new();
-    for rule in rules {
-        content.push_str(rule);
-        content.push('\n');
-    }
+    let content: String = rules.iter().map(|rule| format!("{rule}\n")).collect();
     let command = RemoteCommand::script(
         "record the firewall rules",
         &script,

@@ -180,7 +180,7 @@ impl Deployment {
             tiers.entry(host.tier()).or_default().push(host);
         }
 
-        let rollout = Arc::new(Semaphore::new(max_unavailable));
+        let rollout = Semaphore::new(max_unavailable);
         let rollout_failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
         let mut reports: Vec<HostReport> = Vec::new();
         let mut failed: Vec<String> = Vec::new();
@@ -190,14 +190,14 @@ impl Deployment {
                     if let Some(Ok((remote, _))) = connections.remove(&host.name) {
                         remote.close().await;
                     }
-                    let mut report = empty_report(host);
-                    report.outcome = Outcome::Skipped;
-                    report.error = Some(format!(
-                        "skipped because host{} {} failed and this host depends on it",
-                        if failed.len() == 1 { "" } else { "s" },
-                        failed.join(", ")
+                    reports.push(skipped_report(
+                        host,
+                        format!(
+                            "skipped because host{} {} failed and this host depends on it",
+                            if failed.len() == 1 { "" } else { "s" },
+                            failed.join(", ")
+                        ),
                     ));
-                    reports.push(report);
                 }
                 continue;
             }
@@ -206,25 +206,26 @@ impl Deployment {
                     .remove(&host.name)
                     .expect("every target host was connected or failed to connect");
                 let limit = limit.clone();
-                let rollout = rollout.clone();
-                let rollout_failed = &rollout_failed;
+                let (rollout, rollout_failed) = (&rollout, &rollout_failed);
                 async move {
                     let rolling = matches!(&connection, Ok((_, plan)) if restarts_worker(plan));
-                    let _turn = match rolling {
-                        true => Some(rollout.acquire().await.expect("semaphore is never closed")),
-                        false => None,
+                    let _turn = if rolling {
+                        Some(rollout.acquire().await.expect("semaphore is never closed"))
+                    } else {
+                        None
                     };
                     let stopped_by = rollout_failed.lock().expect("not poisoned").clone();
                     if let (true, Some(failed_host)) = (rolling, stopped_by) {
                         if let Ok((remote, _)) = connection {
                             remote.close().await;
                         }
-                        let mut report = empty_report(host);
-                        report.outcome = Outcome::Skipped;
-                        report.error = Some(format!(
-                            "not deployed: the rolling restart stopped after host \
-                             {failed_host} failed; this host keeps its running worker"
-                        ));
+                        let mut report = skipped_report(
+                            host,
+                            format!(
+                                "not deployed: the rolling restart stopped after host \
+                                 {failed_host} failed; this host keeps its running worker"
+                            ),
+                        );
                         report.duration_ms = started.elapsed().as_millis() as u64;
                         return report;
                     }
@@ -321,6 +322,14 @@ fn restarts_worker(plan: &HostPlan) -> bool {
     plan.steps
         .iter()
         .any(|step| matches!(step, plan::Step::Restart(unit) if unit == worker_paths::UNIT))
+}
+
+/// A report for a host left untouched, saying why.
+fn skipped_report(host: &Host, reason: String) -> HostReport {
+    let mut report = empty_report(host);
+    report.outcome = Outcome::Skipped;
+    report.error = Some(reason);
+    report
 }
 
 fn empty_report(host: &Host) -> HostReport {
