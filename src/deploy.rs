@@ -324,7 +324,7 @@ fn restarts_worker(plan: &HostPlan) -> bool {
         .any(|step| matches!(step, plan::Step::Restart(unit) if unit == worker_paths::UNIT))
 }
 
-/// A report for a host left untouched, saying why.
+/// Builds the report of a host left untouched, with the reason.
 fn skipped_report(host: &Host, reason: String) -> HostReport {
     let mut report = empty_report(host);
     report.outcome = Outcome::Skipped;

@@ -132,7 +132,7 @@ impl RemoteCommand {
 
     /// Returns a short form for messages: the label of a script, or the program and its
     /// first arguments.
-    /// The command for a message: its label as it is, or its words in backticks.
+    /// Describes the command for a message: its label as it is, or its words in backticks.
     pub fn described(&self) -> String {
         match &self.label {
             Some(label) => label.clone(),
@@ -614,7 +614,7 @@ impl Remote {
     }
 }
 
-/// Checks that the local ssh knows every algorithm of an ssh_config `KexAlgorithms` value, so
+/// Checks that the local ssh supports every algorithm of an ssh_config `KexAlgorithms` value, so
 /// that a typing mistake is named before any connection instead of failing inside ssh.
 fn check_key_exchange(host: &str, algorithms: &str) -> Result<(), SshError> {
     static SUPPORTED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -632,7 +632,7 @@ fn check_key_exchange(host: &str, algorithms: &str) -> Result<(), SshError> {
             .unwrap_or_default()
     });
     if supported.is_empty() {
-        // ssh will say itself what it thinks of the value.
+        // Without the list, ssh itself reports a value it does not support.
         return Ok(());
     }
     // A leading +, - or ^ adds to, removes from or puts first in ssh's default list.
