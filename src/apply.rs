@@ -471,19 +471,27 @@ async fn install_release(
     let upload = r#"set -e
 dir="$1"
 mkdir -p -- "$dir"
+stamp() { stat -c '%s %Y %i' -- "$dir/$2" > "$dir/$4"; }
 if [ -x "$dir/$2" ] && echo "$3  $dir/$2" | sha256sum --check --status; then
   cat > /dev/null
+  stamp "$@"
   exit 0
 fi
 umask 022
 cat > "$dir/$2.tmp"
 echo "$3  $dir/$2.tmp" | sha256sum --check --status || { rm -f -- "$dir/$2.tmp"; echo "uploaded binary has the wrong sha256" >&2; exit 1; }
 chmod 0755 "$dir/$2.tmp"
-mv -f -- "$dir/$2.tmp" "$dir/$2""#;
+mv -f -- "$dir/$2.tmp" "$dir/$2"
+stamp "$@""#;
     let command = RemoteCommand::script(
         &format!("upload the worker binary to {directory}"),
         upload,
-        &[&directory, worker_paths::BINARY_NAME, &worker.sha256],
+        &[
+            &directory,
+            worker_paths::BINARY_NAME,
+            &worker.sha256,
+            worker_paths::STAMP_NAME,
+        ],
     )
     .as_root()
     .stdin(bytes)

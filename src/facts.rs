@@ -66,6 +66,9 @@ pub struct HostFacts {
     pub firewall: FirewallState,
     /// Name of the release directory `current` points at, on worker hosts.
     pub worker_release: Option<String>,
+    /// sha256 of the current release's binary (or `missing`), read only when the binary no
+    /// longer matches the stamp apply left beside it.
+    pub worker_release_sha256: Option<String>,
     pub pending_restarts: BTreeSet<String>,
     pub platform: Platform,
     /// Bytes free on the file system of /opt, where worker releases go.
@@ -100,7 +103,9 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
 
     let script = GATHER_SCRIPT
         .replace("@RECORD@", FIREWALL_RECORD_FILE)
-        .replace("@CHECKSUM@", UFW_CHECKSUM_SCRIPT);
+        .replace("@CHECKSUM@", UFW_CHECKSUM_SCRIPT)
+        .replace("@BINARY@", worker_paths::BINARY_NAME)
+        .replace("@STAMP@", worker_paths::STAMP_NAME);
     let command = RemoteCommand::script("read the host's state", &script, &args).as_root();
     let output = remote.run(&command).await?;
     let mut facts = parse_gathered(&output, desired).map_err(|problem| SshError::Failed {
@@ -111,6 +116,7 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
     })?;
     if !desired.roles.contains(&crate::inventory::Role::Worker) {
         facts.worker_release = None;
+        facts.worker_release_sha256 = None;
     }
     Ok(facts)
 }
@@ -177,7 +183,18 @@ else
 fi
 printf 'machine\t%s\n' "$(uname -m)"
 printf 'glibc\t%s\n' "$(getconf GNU_LIBC_VERSION 2>/dev/null)"
-printf 'release\t%s\n' "$(readlink -- "$1" 2>/dev/null)"
+release=$(readlink -- "$1" 2>/dev/null)
+printf 'release\t%s\n' "$release"
+# apply stamps the binary's size, time and inode when it installs it. Only when that stamp no
+# longer matches is the binary hashed, to catch a binary changed in place.
+if [ -n "$release" ]; then
+  binary="$release/@BINARY@"
+  if [ ! -f "$binary" ]; then
+    printf 'release-sha256\tmissing\n'
+  elif [ "$(stat -c '%s %Y %i' -- "$binary")" != "$(cat -- "$release/@STAMP@" 2>/dev/null)" ]; then
+    printf 'release-sha256\t%s\n' "$(sha256sum -- "$binary" | cut -d' ' -f1)"
+  fi
+fi
 printf 'disk\t%s\n' "$(df -P -B1 /opt 2>/dev/null | awk 'NR == 2 { print $4 }')"
 "#;
 
@@ -233,6 +250,7 @@ fn parse_gathered(output: &str, desired: &DesiredHost) -> Result<HostFacts, Stri
             ["glibc", text] => {
                 facts.platform.glibc = text.trim().strip_prefix("glibc ").map(String::from)
             }
+            ["release-sha256", hash] => facts.worker_release_sha256 = Some(hash.to_string()),
             ["disk", available] => facts.disk_available = available.trim().parse().ok(),
             ["release", target] => {
                 facts.worker_release = target

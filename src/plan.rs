@@ -346,7 +346,13 @@ pub fn plan_host(
     }
 
     if let Some(worker) = worker {
-        if facts.worker_release.as_deref() != Some(worker.release.as_str()) {
+        // The release directory is named by the binary's hash; a binary changed in place
+        // after install no longer starts with that name.
+        let changed_in_place = facts
+            .worker_release_sha256
+            .as_ref()
+            .is_some_and(|hash| !hash.starts_with(&worker.release));
+        if facts.worker_release.as_deref() != Some(worker.release.as_str()) || changed_in_place {
             restarts.insert(worker_paths::UNIT.into());
             steps.push(Step::InstallRelease {
                 release: worker.release.clone(),
@@ -607,6 +613,33 @@ mod tests {
         assert!(!diff.contains("s3cret-value"), "{diff}");
         assert!(diff.contains("-requirepass <redacted>"), "{diff}");
         assert!(!diff.contains("requirepass old"), "{diff}");
+    }
+
+    #[test]
+    fn binary_changed_in_place_is_installed_again() {
+        let binary = WorkerBinary {
+            path: "w".into(),
+            sha256: format!("{}{}", "ab".repeat(8), "0".repeat(48)),
+            release: "ab".repeat(8),
+            machine: "x86_64".into(),
+            min_glibc: None,
+            size: 8 << 20,
+        };
+        let mut facts = converged_facts();
+        facts.worker_release = Some(binary.release.clone());
+        let installs = |facts: &HostFacts| {
+            plan_host(&desired(), facts, Some(&binary))
+                .steps
+                .iter()
+                .any(|step| matches!(step, Step::InstallRelease { .. }))
+        };
+        assert!(!installs(&facts), "stamp matched: nothing to do");
+        facts.worker_release_sha256 = Some(binary.sha256.clone());
+        assert!(!installs(&facts), "stamp gone but the hash matches");
+        facts.worker_release_sha256 = Some("cd".repeat(32));
+        assert!(installs(&facts), "changed in place");
+        facts.worker_release_sha256 = Some("missing".into());
+        assert!(installs(&facts), "binary missing");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub mod worker_paths {
     pub const RELEASES_DIR: &str = "/opt/yametee-worker/releases";
     pub const CURRENT_LINK: &str = "/opt/yametee-worker/current";
     pub const BINARY_NAME: &str = "yametee-worker";
+    /// File beside a release's binary holding its size, modification time and inode as
+    /// installed, to notice cheaply that the binary was changed.
+    pub const STAMP_NAME: &str = ".installed";
     /// Seconds the worker drains in-flight jobs after SIGTERM.
     pub const DRAIN_TIMEOUT_SECS: u64 = 30;
 }

@@ -663,16 +663,31 @@ ps -o rss= -p "$pid""#;
         // workers one each, longest waiting first: the first round sends one probe per
         // worker. A worker that was busy gets one of the probes sent one by one after it. The
         // bound leaves room for uneven turns.
-        let most = 4 * alive.len().max(1) + 1;
+        // Until the inventory's count of workers has taken one: a worker whose heartbeat
+        // expired while Redis was down still consumes, and shows itself by taking a probe.
+        let most = 4 * expected.max(alive.len()).max(1) + 1;
         let mut taken: BTreeMap<String, Vec<u128>> = BTreeMap::new();
         let started = Instant::now();
         let mut sent = 0;
         let mut round = alive.len().max(1);
-        while sent < most
-            && (sent == 0 || alive.iter().any(|instance| !taken.contains_key(instance)))
-        {
+        while sent < most && started.elapsed() < self.probe_timeout {
+            let covered = alive.iter().all(|instance| taken.contains_key(instance))
+                && taken.len() >= expected;
+            if sent > 0 && covered {
+                break;
+            }
             let remaining = self.probe_timeout.saturating_sub(started.elapsed());
-            for (id, latency, worker) in self.probe_round(remote, round, remaining).await? {
+            let processed = self.probe_round(remote, round, remaining).await;
+            let processed = match processed {
+                Err(NotPassed::Fail(detail)) if alive.is_empty() && taken.is_empty() => {
+                    return Err(format!(
+                        "no worker is consuming: no worker heartbeat in Redis, and {detail}"
+                    )
+                    .into())
+                }
+                other => other?,
+            };
+            for (id, latency, worker) in processed {
                 tracing::debug!(%id, %worker, latency, "probe processed");
                 taken.entry(worker).or_default().push(latency);
             }
@@ -705,13 +720,15 @@ ps -o rss= -p "$pid""#;
             )
             .into());
         }
-        if alive.len() < expected {
+        let seen: BTreeSet<&String> = alive.iter().chain(taken.keys()).collect();
+        if seen.len() < expected {
             return Err(format!(
-                "{} in the inventory but {} in Redis; the probe jobs were processed by \
-                 {summary}; `yametee-deploy status`, with the same options, shows which is \
-                 missing",
+                "{} in the inventory but {} seen: {} in Redis, and {sent} probe jobs \
+                 processed by {summary}; `yametee-deploy status`, with the same options, \
+                 shows which is missing",
                 plural(expected, "worker host"),
-                plural(alive.len(), "worker heartbeat"),
+                plural(seen.len(), "worker"),
+                plural(alive.len(), "heartbeat"),
             )
             .into());
         }
