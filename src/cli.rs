@@ -22,7 +22,9 @@ Exit codes:
   0  success: applied, all checks passed, or (plan --detailed-exitcode) in sync
   1  a check failed, an apply failed or was rolled back, or a host could not be reached;
      status: a worker is dead or Redis cannot be read
-  2  usage error or invalid inventory; with plan --detailed-exitcode: changes pending";
+  2  usage error or invalid inventory
+plan --detailed-exitcode: 0 in sync, 2 changes pending, 1 for every error, usage errors
+included, so that 2 can only mean changes pending.";
 
 /// Deploys the yametee web platform, Redis, PostgreSQL and background workers from an
 /// inventory file, over SSH, and verifies the result.
@@ -880,10 +882,67 @@ fn print_lab_status(status: &lab::LabStatus, format: Format) {
 /// Turns the result of `run` into the process's exit code. A fatal error is printed on
 /// stderr with its hint and, for `--format json|junit`, also as a document on stdout, so a
 /// pipeline reading stdout always gets one.
-pub fn finish(result: Result<u8, Fatal>, format: Format) -> ExitCode {
+/// Whether every error must exit 1: `plan --detailed-exitcode` keeps 2 for "changes pending",
+/// so a usage error there must not look like it.
+pub fn errors_exit_one(cli: &Cli) -> bool {
+    matches!(
+        cli.command,
+        Command::Plan {
+            detailed_exitcode: true
+        }
+    )
+}
+
+/// Ends a run whose command line could not be parsed: clap's message on stderr and, when the
+/// arguments ask for JSON or JUnit, the error document on stdout. `args` are the raw arguments.
+pub fn finish_parse_error(error: clap::Error, args: &[String]) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        error.exit();
+    }
+    let format = args
+        .windows(2)
+        .rev()
+        .find_map(|pair| match pair[0].as_str() {
+            "--format" => Some(pair[1].as_str()),
+            _ => None,
+        });
+    let format = format.or_else(|| {
+        args.iter()
+            .rev()
+            .find_map(|arg| arg.strip_prefix("--format="))
+    });
+    let message = error.render().to_string();
+    let first_line = message
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string();
+    match format {
+        Some("json") => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "ok": false, "error": first_line }))
+                .expect("error serializes")
+        ),
+        Some("junit") => print!("{}", report::fatal_junit(&first_line)),
+        _ => {}
+    }
+    let _ = error.print();
+    let detailed = args.iter().any(|arg| arg == "--detailed-exitcode");
+    ExitCode::from(if detailed { exit::FAILURE } else { exit::USAGE })
+}
+
+pub fn finish(result: Result<u8, Fatal>, format: Format, errors_exit_one: bool) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(fatal) => {
+        Err(mut fatal) => {
+            if errors_exit_one {
+                fatal.code = exit::FAILURE;
+            }
             match format {
                 Format::Json => {
                     let document = serde_json::json!({ "ok": false, "error": fatal.message });

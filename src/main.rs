@@ -9,13 +9,24 @@ use tracing_subscriber::EnvFilter;
 use yametee_deploy::cli::{self, Cli};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let words: Vec<String> = args
+                .iter()
+                .map(|arg| arg.to_string_lossy().into_owned())
+                .collect();
+            return cli::finish_parse_error(error, &words);
+        }
+    };
     let format = cli.format;
+    let errors_exit_one = cli::errors_exit_one(&cli);
     init_logging();
 
     let lab_context = match cli::prepare(&cli) {
         Ok(context) => context,
-        Err(fatal) => return cli::finish(Err(fatal), format),
+        Err(fatal) => return cli::finish(Err(fatal), format, errors_exit_one),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -27,7 +38,11 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::exit::FAILURE);
         }
     };
-    cli::finish(runtime.block_on(cli::run(cli, lab_context)), format)
+    cli::finish(
+        runtime.block_on(cli::run(cli, lab_context)),
+        format,
+        errors_exit_one,
+    )
 }
 
 /// Logs and progress go to stderr, filtered by `RUST_LOG` (default: info for this tool). On a

@@ -592,3 +592,35 @@ fn status_needs_only_the_redis_password() {
     assert!(stderr.contains("no worker host is selected"), "{stderr}");
     assert!(!stderr.contains("YAMETEE_PG_PASSWORD"), "{stderr}");
 }
+
+#[test]
+fn detailed_exitcode_errors_exit_1() {
+    // 2 means "changes pending" here, so no error may exit 2, not even a usage error.
+    let missing = run(&[
+        "-i",
+        "/nonexistent/inventory.yaml",
+        "plan",
+        "--detailed-exitcode",
+    ]);
+    assert_eq!(missing.status.code(), Some(1), "{}", text(&missing.stderr));
+    let unknown = run(&["plan", "--detailed-exitcode", "--no-such-option"]);
+    assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown.stderr));
+    let plain = run(&["-i", "/nonexistent/inventory.yaml", "plan"]);
+    assert_eq!(plain.status.code(), Some(2), "{}", text(&plain.stderr));
+}
+
+#[test]
+fn command_line_error_is_a_json_document() {
+    let output = run(&["--format", "json", "verify", "--no-such-option"]);
+    assert_eq!(output.status.code(), Some(2));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is a JSON document");
+    assert_eq!(document["ok"], false);
+    assert!(
+        document["error"]
+            .as_str()
+            .unwrap()
+            .contains("--no-such-option"),
+        "{document}"
+    );
+}
