@@ -17,6 +17,23 @@ use crate::secrets::Secrets;
 use crate::ssh::SshOverrides;
 use crate::verify::Verifier;
 
+/// `print!` for results: a reader that stops early (`| head`) closes stdout, and the run
+/// still ends with its own exit code instead of a panic on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `println!` for results; see [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success: applied, all checks passed, or (plan --detailed-exitcode) in sync
@@ -294,7 +311,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             let deployment = deployment(&cli, lab_context.as_ref(), true, None)?;
             let reports = deployment.plan().await;
             crate::progress::finish();
-            print!("{}", report::plan(&reports, cli.format));
+            out!("{}", report::plan(&reports, cli.format));
             let failed = reports.iter().any(|report| report.error.is_some());
             let pending = reports.iter().any(|report| !report.changes.is_empty());
             Ok(match (failed, pending, detailed_exitcode) {
@@ -307,7 +324,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
             let deployment = deployment(&cli, lab_context.as_ref(), true, None)?;
             let reports = deployment.apply(usize::from(*max_unavailable)).await;
             crate::progress::finish();
-            print!("{}", report::apply(&reports, cli.format));
+            out!("{}", report::apply(&reports, cli.format));
             let ok = reports.iter().all(|report| report.outcome.is_success());
             Ok(if ok { exit::SUCCESS } else { exit::FAILURE })
         }
@@ -374,7 +391,7 @@ pub async fn run(cli: Cli, lab_context: Option<LabContext>) -> Result<u8, Fatal>
                 )));
             }
             let report = verifier.run().await;
-            print!("{}", report::verify(&report, cli.format));
+            out!("{}", report::verify(&report, cli.format));
             Ok(if report.ok {
                 exit::SUCCESS
             } else {
@@ -541,12 +558,12 @@ async fn push_job(
         pushed.map_err(|error| Fatal::failure(deployment.secrets.redact(&error_chain(&error))))?;
 
     match cli.format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::json!({ "ok": true, "id": id, "queue": inventory.app.queue, "length": length, "from": host.name })
         ),
         _ => {
-            println!("{id}");
+            outln!("{id}");
             eprintln!(
                 "pushed job {id} from {} onto {}; {length} job{} waiting",
                 host.name,
@@ -599,7 +616,7 @@ fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal>
         Ok(inventory) => inventory,
         Err(InventoryError::Invalid { problems, .. }) if cli.format == Format::Json => {
             let document = serde_json::json!({ "ok": false, "problems": problems });
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&document).expect("problems serialize")
             );
@@ -614,24 +631,24 @@ fn inventory_command(cli: &Cli, command: &InventoryCommand) -> Result<u8, Fatal>
         .collect();
     match (command, cli.format) {
         (InventoryCommand::Check, Format::Json) => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({ "ok": true, "problems": [], "hosts": names })
             );
         }
-        (InventoryCommand::Check, _) => println!(
+        (InventoryCommand::Check, _) => outln!(
             "{}: valid, {} hosts ({})",
             cli.inventory.display(),
             names.len(),
             names.join(", ")
         ),
         (InventoryCommand::Show, Format::Json) => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&inventory).expect("inventory serializes")
             );
         }
-        (InventoryCommand::Show, _) => print!("{}", report::inventory_summary(&inventory)),
+        (InventoryCommand::Show, _) => out!("{}", report::inventory_summary(&inventory)),
         _ => unreachable!("edit commands return above"),
     }
     Ok(exit::SUCCESS)
@@ -679,12 +696,12 @@ fn edit_inventory(
                 "written": write,
                 "diff": diff,
             });
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&document).expect("edit result serializes")
             );
         }
-        _ => print!("{diff}"),
+        _ => out!("{diff}"),
     }
     let outcome = match (changed, dry_run) {
         (false, _) => "unchanged (the edit changes nothing)",
@@ -756,14 +773,14 @@ fn render(cli: &Cli, out: Option<&Path>) -> Result<u8, Fatal> {
                 })
                 .collect();
             let document = serde_json::json!({ "ok": true, "files": documents });
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&document).expect("files serialize")
             );
         }
         _ => {
             for (host, file) in &rendered {
-                print!(
+                out!(
                     "==> {host}:{} ({:04o} {}:{}) <==\n{}\n",
                     file.path, file.mode, file.owner, file.group, file.content
                 );
@@ -871,11 +888,11 @@ fn remote_command_line(command: &[String]) -> Vec<String> {
 
 fn print_lab_status(status: &lab::LabStatus, format: Format) {
     match format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(status).expect("lab status serializes")
         ),
-        _ => print!("{status}"),
+        _ => out!("{status}"),
     }
 }
 
@@ -923,12 +940,12 @@ pub fn finish_parse_error(error: clap::Error, args: &[String]) -> ExitCode {
         .trim_start_matches("error: ")
         .to_string();
     match format {
-        Some("json") => println!(
+        Some("json") => outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "ok": false, "error": first_line }))
                 .expect("error serializes")
         ),
-        Some("junit") => print!("{}", report::fatal_junit(&first_line)),
+        Some("junit") => out!("{}", report::fatal_junit(&first_line)),
         _ => {}
     }
     let _ = error.print();
@@ -946,12 +963,12 @@ pub fn finish(result: Result<u8, Fatal>, format: Format, errors_exit_one: bool) 
             match format {
                 Format::Json => {
                     let document = serde_json::json!({ "ok": false, "error": fatal.message });
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string_pretty(&document).expect("error serializes")
                     );
                 }
-                Format::Junit => print!("{}", report::fatal_junit(&fatal.message)),
+                Format::Junit => out!("{}", report::fatal_junit(&fatal.message)),
                 Format::Human => {}
             }
             eprintln!("error: {}", fatal.message);
