@@ -111,6 +111,7 @@ pub async fn gather(remote: &Remote, desired: &DesiredHost) -> Result<HostFacts,
     let mut facts = parse_gathered(&output, desired).map_err(|problem| SshError::Failed {
         host: remote.host().to_string(),
         command: command.described(),
+        labelled: true,
         status: "returned unreadable output".into(),
         stderr: problem,
     })?;

@@ -234,10 +234,13 @@ pub enum SshError {
         command: String,
         secs: u64,
     },
-    #[error("{command} on host {host} {status}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    #[error("{}", failed_text(command, *labelled, host, status, stderr))]
     Failed {
         host: String,
+        /// The command's label, or its words in backticks.
         command: String,
+        /// Whether `command` is a label, a description such as `read the queue depths`.
+        labelled: bool,
         status: String,
         stderr: String,
     },
@@ -572,6 +575,7 @@ impl Remote {
         Err(SshError::Failed {
             host: self.destination.host.clone(),
             command: command.described(),
+            labelled: command.label.is_some(),
             status: describe_status(output.status),
             stderr: last_lines(&output.stderr, 5),
         })
@@ -649,6 +653,18 @@ fn check_key_exchange(host: &str, algorithms: &str) -> Result<(), SshError> {
         unknown,
         supported: supported.clone(),
     })
+}
+
+/// The message of [`SshError::Failed`]. A label reads as what could not be done: "cannot read
+/// the queue depths on host redis: … (exited with status 1)"; a command is quoted: "`ufw
+/// enable` on host redis exited with status 1: …".
+fn failed_text(command: &str, labelled: bool, host: &str, status: &str, stderr: &str) -> String {
+    match (labelled, stderr.is_empty()) {
+        (true, true) => format!("cannot {command} on host {host}: it {status}"),
+        (true, false) => format!("cannot {command} on host {host}: {stderr} (it {status})"),
+        (false, true) => format!("{command} on host {host} {status}"),
+        (false, false) => format!("{command} on host {host} {status}: {stderr}"),
+    }
 }
 
 /// Describes an exit status for messages. 124 is what coreutils' `timeout`, which the remote

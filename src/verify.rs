@@ -16,7 +16,7 @@ use crate::plan::WorkerBinary;
 use crate::queue;
 use crate::render::{worker_paths, Renderer, POSTGRES_UNIT, REDIS_UNIT};
 use crate::secrets::Secrets;
-use crate::ssh::{Destination, Remote, RemoteCommand, SshError, SshOverrides};
+use crate::ssh::{last_lines, Destination, Remote, RemoteCommand, SshError, SshOverrides};
 use crate::status::HEARTBEAT_KEY_PREFIX;
 
 /// Lines the worker logs at every start, in the order it logs them.
@@ -423,7 +423,7 @@ impl<'a> Verifier<'a> {
         }
         if !problems.is_empty() {
             return Err(format!(
-                "{}; run `sudo ufw show added` on the host",
+                "{}; run `sudo ufw show added` on the host; apply restores the rendered rules",
                 problems.join("; ")
             )
             .into());
@@ -502,7 +502,7 @@ echo "dead $(cli LLEN "$q:dead")""#;
         } else {
             Err(format!(
                 "{} (thresholds are under app.thresholds in the inventory); see \
-                 `yametee-deploy status`, and the failed jobs with \
+                 `yametee-deploy status` (with the same options), and the failed jobs with \
                  `redis-cli LRANGE {queue}:dead 0 9` on the Redis host (password in \
                  REDISCLI_AUTH)",
                 over.join("; ")
@@ -573,7 +573,7 @@ journalctl --no-pager -o cat "_SYSTEMD_INVOCATION_ID=$id""#;
     async fn select_one(&self, remote: &Remote, address: String) -> CheckOutcome {
         let database = &self.inventory.app.database;
         let script = r#"IFS= read -r PGPASSWORD; export PGPASSWORD
-export PGCONNECT_TIMEOUT=10
+export PGCONNECT_TIMEOUT=3
 exec psql -X -A -t -q -w -h "$1" -p "$2" -U "$3" -d "$4" -c 'SELECT 1'"#;
         let port = database.port.to_string();
         let command = RemoteCommand::script(
@@ -582,7 +582,27 @@ exec psql -X -A -t -q -w -h "$1" -p "$2" -U "$3" -d "$4" -c 'SELECT 1'"#;
             &[&address, &port, &database.user, &database.name],
         )
         .stdin(format!("{}\n", self.secrets.get("app.database.password")));
-        let reply = run(remote, &command).await?;
+        let output = remote
+            .output(&command)
+            .await
+            .map_err(|error| error_chain(&error))?;
+        if output.stderr.contains("timeout expired") {
+            return Err(format!(
+                "expected SELECT 1 from {address}:{port}; no answer within 3 s from host {}: a \
+                 firewall may drop the connection; see `sudo ufw status` on the PostgreSQL host",
+                remote.host()
+            )
+            .into());
+        }
+        if !output.success() {
+            return Err(format!(
+                "SELECT 1 on {address}:{port} as {} failed: {}",
+                database.user,
+                last_lines(&output.stderr, 3)
+            )
+            .into());
+        }
+        let reply = output.stdout;
         if reply.trim() == "1" {
             Ok(format!(
                 "SELECT 1 as {} on {address}:{port}/{}",
@@ -618,7 +638,8 @@ exec psql -X -A -t -q -w -h "$1" -p "$2" -U "$3" -d "$4" -c 'SELECT 1'"#;
             ))
         } else {
             Err(format!(
-                "installed sha256 {installed} differs from {} ({})",
+                "installed sha256 {installed} differs from {} ({}); apply installs this build \
+                 again",
                 worker.sha256,
                 worker.path.display()
             )
@@ -908,7 +929,7 @@ async fn unit_running(remote: &Remote, unit: &str) -> CheckOutcome {
     } else {
         Err(format!(
             "{unit} is {} and {}; expected active and enabled; see `sudo systemctl status {unit}` \
-             and `sudo journalctl -u {unit} -n 50`",
+             and `sudo journalctl -u {unit} -n 50`; apply starts and enables it",
             if active.is_empty() {
                 "unknown"
             } else {

@@ -208,10 +208,12 @@ impl<'a> Monitor<'a> {
                 }
                 format!(
                     "cannot reach Redis at {}:{port} from host {}: {cause}; is redis-server \
-                     running on host {}? `yametee-deploy verify --check redis,queue` tells more",
+                     running on host {}, and may host {} reach it? `yametee-deploy verify`, with \
+                     the same options, tells more",
                     redis_host.address,
                     remote.host(),
-                    redis_host.name
+                    redis_host.name,
+                    remote.host()
                 )
             })?;
         tracing::debug!(host = %remote.host(), "forwarding Redis");
