@@ -44,11 +44,13 @@ pub enum ApplyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{unit} on host {host} did not become ready: {journal}")]
+    #[error("{unit} on host {host} did not become ready{}: {journal}",
+        if *rolled_back { "; the previous release was put back and runs again" } else { "" })]
     NotReady {
         host: String,
         unit: String,
         journal: String,
+        rolled_back: bool,
     },
 }
 
@@ -169,6 +171,7 @@ pub async fn apply_host(
                 host,
                 unit,
                 journal,
+                ..
             },
         )) if unit == worker_paths::UNIT => {
             report.changes.push(step.change());
@@ -194,6 +197,7 @@ pub async fn apply_host(
                 host,
                 unit,
                 journal,
+                rolled_back,
             });
         }
         Some((_, error)) => return Err(error),
@@ -578,6 +582,7 @@ async fn start_unit(
         host: remote.host().to_string(),
         unit: unit.to_string(),
         journal: format!("{reason}; last log lines: {journal}"),
+        rolled_back: false,
     })
 }
 
