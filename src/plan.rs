@@ -242,15 +242,17 @@ fn file_diff(file: &RenderedFile, previous: Option<&RemoteFile>, secrets: &Secre
         .map(|previous| redact(&previous.content))
         .unwrap_or_default();
     let new = redact(&file.content);
+    // Each side says where it comes from: the host's file now, the file apply would write.
     let old_name = if previous.is_some() {
-        file.path.clone()
+        format!("{} (on the host)", file.path)
     } else {
         "/dev/null".into()
     };
+    let new_name = format!("{} (rendered)", file.path);
     let mut text = similar::TextDiff::from_lines(&old, &new)
         .unified_diff()
         .context_radius(3)
-        .header(&old_name, &file.path)
+        .header(&old_name, &new_name)
         .to_string();
     if text.is_empty() {
         text = match previous {
