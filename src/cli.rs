@@ -782,7 +782,11 @@ fn render(cli: &Cli, out: Option<&Path>) -> Result<u8, Fatal> {
             for (host, file) in &rendered {
                 out!(
                     "==> {host}:{} ({:04o} {}:{}) <==\n{}\n",
-                    file.path, file.mode, file.owner, file.group, file.content
+                    file.path,
+                    file.mode,
+                    file.owner,
+                    file.group,
+                    file.content
                 );
             }
         }
