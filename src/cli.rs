@@ -431,7 +431,7 @@ fn deployment(
         if cli.lab {
             fatal
         } else {
-            fatal.hint("export the variable, or rehearse on the lab with --lab, which generates lab secrets")
+            fatal.hint("export the variables named, or rehearse on the lab with --lab, which generates lab secrets")
         }
     })?;
     let ssh = match lab {

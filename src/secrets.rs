@@ -26,8 +26,16 @@ impl std::fmt::Debug for Secrets {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("missing secret for {setting}: environment variable {name} is not set")]
-    MissingEnv { setting: String, name: String },
+    #[error("missing secret{} for {}: environment variable{} {} not set",
+        if missing.len() == 1 { "" } else { "s" },
+        missing.iter().map(|(setting, _)| setting.as_str()).collect::<Vec<_>>().join(", "),
+        if missing.len() == 1 { "" } else { "s" },
+        missing.iter().map(|(_, name)| name.as_str()).collect::<Vec<_>>().join(", ")
+            + if missing.len() == 1 { " is" } else { " are" })]
+    MissingEnv {
+        /// Each setting whose variable is unset, with the variable's name.
+        missing: Vec<(String, String)>,
+    },
     #[error("cannot read the secret for {setting} from {}", path.display())]
     ReadFile {
         setting: String,
@@ -57,6 +65,8 @@ impl Secrets {
         needed: Option<&[&str]>,
     ) -> Result<Secrets, SecretError> {
         let mut secrets = Secrets::default();
+        // Every unset variable is named at once, not one per run.
+        let mut missing = Vec::new();
         for (setting, reference) in inventory.secret_refs() {
             if needed.is_some_and(|needed| !needed.contains(&setting)) {
                 continue;
@@ -64,15 +74,13 @@ impl Secrets {
             let value = match reference {
                 SecretRef::Env(name) => match std::env::var(name) {
                     Ok(value) => value,
-                    Err(_) => {
-                        fallback
-                            .get(name)
-                            .cloned()
-                            .ok_or_else(|| SecretError::MissingEnv {
-                                setting: setting.to_string(),
-                                name: name.clone(),
-                            })?
-                    }
+                    Err(_) => match fallback.get(name) {
+                        Some(value) => value.clone(),
+                        None => {
+                            missing.push((setting.to_string(), name.clone()));
+                            continue;
+                        }
+                    },
                 },
                 SecretRef::File(path) => std::fs::read_to_string(path)
                     .map_err(|source| SecretError::ReadFile {
@@ -90,6 +98,9 @@ impl Secrets {
                 });
             }
             secrets.insert(setting, value);
+        }
+        if !missing.is_empty() {
+            return Err(SecretError::MissingEnv { missing });
         }
         Ok(secrets)
     }

@@ -91,13 +91,29 @@ fn render_writes_each_hosts_files() {
 }
 
 #[test]
-fn missing_secret_names_the_variable() {
+fn missing_secrets_name_every_variable() {
     let inventory = repository_inventory();
     let output = run(&["-i", inventory.to_str().unwrap(), "plan"]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("environment variable YAMETEE_"), "{stderr}");
-    assert!(stderr.contains("is not set"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "environment variables YAMETEE_PG_PASSWORD, YAMETEE_REDIS_PASSWORD are not set"
+        ),
+        "{stderr}"
+    );
+
+    let one = Command::new(binary())
+        .args(["-i", inventory.to_str().unwrap(), "plan"])
+        .env("YAMETEE_PG_PASSWORD", "set-here")
+        .env_remove("YAMETEE_REDIS_PASSWORD")
+        .output()
+        .expect("yametee-deploy runs");
+    let stderr = text(&one.stderr);
+    assert!(
+        stderr.contains("environment variable YAMETEE_REDIS_PASSWORD is not set"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -138,7 +154,7 @@ fn fatal_error_is_json_document() {
         serde_json::from_slice(&output.stdout).expect("stdout is JSON");
     assert_eq!(document["ok"], false);
     assert!(
-        document["error"].as_str().unwrap().contains("is not set"),
+        document["error"].as_str().unwrap().contains("are not set"),
         "{document}"
     );
 }
