@@ -242,7 +242,7 @@ fn file_diff(file: &RenderedFile, previous: Option<&RemoteFile>, secrets: &Secre
         .map(|previous| redact(&previous.content))
         .unwrap_or_default();
     let new = redact(&file.content);
-    // Each side says where it comes from: the host's file now, the file apply would write.
+    // Each header names its side: the host's file now, or the file apply would write.
     let old_name = if previous.is_some() {
         format!("{} (on the host)", file.path)
     } else {
@@ -481,6 +481,27 @@ mod tests {
         facts
     }
 
+    /// Returns the Redis drop-in as the host has it in `facts`, to change it in a test.
+    fn redis_conf(facts: &mut HostFacts) -> &mut RemoteFile {
+        facts
+            .files
+            .get_mut("/etc/redis/yametee.conf")
+            .and_then(Option::as_mut)
+            .expect("the converged facts hold the Redis drop-in")
+    }
+
+    /// Returns a worker binary for x86_64 whose sha256 starts with `release`.
+    fn test_binary(release: &str, min_glibc: Option<(u32, u32)>) -> WorkerBinary {
+        WorkerBinary {
+            path: "w".into(),
+            sha256: format!("{release}{}", "0".repeat(64 - release.len())),
+            release: release.into(),
+            machine: "x86_64".into(),
+            min_glibc,
+            size: 8 << 20,
+        }
+    }
+
     fn actions(plan: &HostPlan) -> Vec<String> {
         plan.changes()
             .into_iter()
@@ -497,13 +518,7 @@ mod tests {
     #[test]
     fn changed_file_restarts_its_service() {
         let mut facts = converged_facts();
-        facts
-            .files
-            .get_mut("/etc/redis/yametee.conf")
-            .unwrap()
-            .as_mut()
-            .unwrap()
-            .content = "bind 127.0.0.1\n".into();
+        redis_conf(&mut facts).content = "bind 127.0.0.1\n".into();
         let plan = plan_host(&desired(), &facts, None);
         assert_eq!(
             actions(&plan),
@@ -517,13 +532,7 @@ mod tests {
     #[test]
     fn mode_change_rewrites_without_restart() {
         let mut facts = converged_facts();
-        facts
-            .files
-            .get_mut("/etc/redis/yametee.conf")
-            .unwrap()
-            .as_mut()
-            .unwrap()
-            .mode = 0o644;
+        redis_conf(&mut facts).mode = 0o644;
         let plan = plan_host(&desired(), &facts, None);
         assert_eq!(
             actions(&plan),
@@ -540,7 +549,7 @@ mod tests {
     }
 
     #[test]
-    fn firewall_is_recorded_when_read_from_ufw_or_changed() {
+    fn firewall_record_written_when_stale() {
         let mut facts = converged_facts();
         assert_eq!(plan_host(&desired(), &facts, None).firewall_record, None);
 
@@ -596,13 +605,7 @@ mod tests {
     #[test]
     fn diff_redacts_secrets() {
         let mut facts = converged_facts();
-        facts
-            .files
-            .get_mut("/etc/redis/yametee.conf")
-            .unwrap()
-            .as_mut()
-            .unwrap()
-            .content = "requirepass old\n".into();
+        redis_conf(&mut facts).content = "requirepass old\n".into();
         let mut desired = desired();
         desired.files[0].content = "requirepass s3cret-value\n".into();
         let plan = plan_host(&desired, &facts, None);
@@ -618,15 +621,8 @@ mod tests {
     }
 
     #[test]
-    fn binary_changed_in_place_is_installed_again() {
-        let binary = WorkerBinary {
-            path: "w".into(),
-            sha256: format!("{}{}", "ab".repeat(8), "0".repeat(48)),
-            release: "ab".repeat(8),
-            machine: "x86_64".into(),
-            min_glibc: None,
-            size: 8 << 20,
-        };
+    fn binary_changed_in_place_reinstalled() {
+        let binary = test_binary(&"ab".repeat(8), None);
         let mut facts = converged_facts();
         facts.worker_release = Some(binary.release.clone());
         let installs = |facts: &HostFacts| {
@@ -646,14 +642,7 @@ mod tests {
 
     #[test]
     fn glibc_too_old_is_reported() {
-        let binary = WorkerBinary {
-            path: "w".into(),
-            sha256: "0".repeat(64),
-            release: "0".repeat(16),
-            machine: "x86_64".into(),
-            min_glibc: Some((2, 34)),
-            size: 8 << 20,
-        };
+        let binary = test_binary(&"0".repeat(16), Some((2, 34)));
         let old = crate::facts::Platform {
             machine: "x86_64".into(),
             glibc: Some("2.31".into()),

@@ -655,9 +655,9 @@ fn check_key_exchange(host: &str, algorithms: &str) -> Result<(), SshError> {
     })
 }
 
-/// The message of [`SshError::Failed`]. A label reads as what could not be done: "cannot read
-/// the queue depths on host redis: … (exited with status 1)"; a command is quoted: "`ufw
-/// enable` on host redis exited with status 1: …".
+/// Formats the message of [`SshError::Failed`]. A label reads as what could not be done,
+/// "cannot read the queue depths on host redis: … (it exited with status 1)". A command is
+/// quoted, "`ufw enable` on host redis exited with status 1: …".
 fn failed_text(command: &str, labelled: bool, host: &str, status: &str, stderr: &str) -> String {
     match (labelled, stderr.is_empty()) {
         (true, true) => format!("cannot {command} on host {host}: it {status}"),

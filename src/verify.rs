@@ -681,26 +681,30 @@ ps -o rss= -p "$pid""#;
         let expected = self.inventory.hosts_with(Role::Worker).count();
         let alive = self.worker_heartbeats(remote).await?;
         // An idle worker waits in BLMOVE, and Redis hands the jobs of one push to the waiting
-        // workers one each, longest waiting first: the first round sends one probe per
-        // worker. A worker that was busy gets one of the probes sent one by one after it. The
-        // bound leaves room for uneven turns.
-        // Until the inventory's count of workers has taken one: a worker whose heartbeat
-        // expired while Redis was down still consumes, and shows itself by taking a probe.
-        let most = 4 * expected.max(alive.len()).max(1) + 1;
-        let mut taken: BTreeMap<String, Vec<u128>> = BTreeMap::new();
+        // workers one each, longest waiting first. So the first round sends one probe per
+        // worker, and a worker that was busy gets one of the probes sent one by one after it.
+        // Probes go on until as many workers as the inventory has took one, because a worker
+        // whose heartbeat expired while Redis was down still consumes. The bound leaves room
+        // for uneven turns.
+        let max_probes = 4 * expected.max(alive.len()).max(1) + 1;
+        let mut latencies_by_worker: BTreeMap<String, Vec<u128>> = BTreeMap::new();
         let started = Instant::now();
         let mut sent = 0;
         let mut round = alive.len().max(1);
-        while sent < most && started.elapsed() < self.probe_timeout {
-            let covered = alive.iter().all(|instance| taken.contains_key(instance))
-                && taken.len() >= expected;
+        while sent < max_probes && started.elapsed() < self.probe_timeout {
+            let covered = alive
+                .iter()
+                .all(|instance| latencies_by_worker.contains_key(instance))
+                && latencies_by_worker.len() >= expected;
             if sent > 0 && covered {
                 break;
             }
             let remaining = self.probe_timeout.saturating_sub(started.elapsed());
             let processed = self.probe_round(remote, round, remaining).await;
             let processed = match processed {
-                Err(NotPassed::Fail(detail)) if alive.is_empty() && taken.is_empty() => {
+                Err(NotPassed::Fail(detail))
+                    if alive.is_empty() && latencies_by_worker.is_empty() =>
+                {
                     return Err(format!(
                         "no worker is consuming: no worker heartbeat in Redis, and {detail}"
                     )
@@ -710,7 +714,7 @@ ps -o rss= -p "$pid""#;
             };
             for (id, latency, worker) in processed {
                 tracing::debug!(%id, %worker, latency, "probe processed");
-                taken.entry(worker).or_default().push(latency);
+                latencies_by_worker.entry(worker).or_default().push(latency);
             }
             sent += round;
             round = 1;
@@ -718,9 +722,9 @@ ps -o rss= -p "$pid""#;
 
         let idle: Vec<&String> = alive
             .iter()
-            .filter(|instance| !taken.contains_key(*instance))
+            .filter(|instance| !latencies_by_worker.contains_key(*instance))
             .collect();
-        let summary = taken
+        let summary = latencies_by_worker
             .iter()
             .map(|(worker, latencies)| match latencies.as_slice() {
                 [latency] => format!("{worker} in {latency} ms"),
@@ -741,7 +745,7 @@ ps -o rss= -p "$pid""#;
             )
             .into());
         }
-        let seen: BTreeSet<&String> = alive.iter().chain(taken.keys()).collect();
+        let seen: BTreeSet<&String> = alive.iter().chain(latencies_by_worker.keys()).collect();
         if seen.len() < expected {
             return Err(format!(
                 "{} in the inventory but {} seen: {} in Redis, and {sent} probe jobs \

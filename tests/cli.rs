@@ -103,13 +103,13 @@ fn missing_secrets_name_every_variable() {
         "{stderr}"
     );
 
-    let one = Command::new(binary())
+    let only_redis_missing = Command::new(binary())
         .args(["-i", inventory.to_str().unwrap(), "plan"])
         .env("YAMETEE_PG_PASSWORD", "set-here")
         .env_remove("YAMETEE_REDIS_PASSWORD")
         .output()
         .expect("yametee-deploy runs");
-    let stderr = text(&one.stderr);
+    let stderr = text(&only_redis_missing.stderr);
     assert!(
         stderr.contains("environment variable YAMETEE_REDIS_PASSWORD is not set"),
         "{stderr}"

@@ -1,9 +1,9 @@
 //! End to end on the lab: boots a replica of inventory.yaml in systemd-nspawn containers,
-//! applies, verifies that every check passes, checks that a second apply changes and
-//! restarts nothing, that a worker which never reports ready is rolled back, that each
-//! deliberate breakage turns exactly its checks red, that a cut connection fails only its
-//! host, that a second worker joins, takes a rolling deploy without losing a job and leaves
-//! again, and takes the lab down. Needs root, systemd-nspawn and debootstrap
+//! applies, and verifies that every check passes. It then checks that a second apply changes
+//! and restarts nothing, and that a worker which never reports ready is rolled back. Each
+//! deliberate breakage must turn exactly its checks red, and a cut connection must fail only
+//! its host. A second worker joins, takes a rolling deploy without losing a job, and leaves
+//! again. At the end the test takes the lab down. Needs root, systemd-nspawn and debootstrap
 //! (`scripts/setup.sh` installs them); where they are missing the test says so and skips,
 //! except under CI, where it fails.
 
@@ -381,7 +381,7 @@ fn host<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no host {name} in {report:#}"))
 }
 
-/// The lab's generated secrets, by environment variable name.
+/// Reads the lab's generated secrets, by environment variable name.
 fn lab_secrets() -> std::collections::BTreeMap<String, String> {
     let text = std::fs::read_to_string(lab_dir().join("secrets.json")).expect("lab secrets.json");
     serde_json::from_str(&text).expect("secrets.json is a JSON object of strings")
@@ -747,9 +747,9 @@ fn check_detail<'a>(report: &'a Value, host_name: &str, id: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no check {id} on {host_name}: {report:#}"))
 }
 
-/// A removed ufw rule, a queue past its threshold and Redis blocked from the worker each turn
-/// exactly the checks that see them red, with messages that say what is wrong; JUnit counts
-/// match the JSON report; apply repairs what it manages.
+/// Checks that a removed ufw rule, a queue past its threshold and Redis blocked from the
+/// worker each turn exactly the checks that detect them red, with messages naming the fault.
+/// JUnit counts must match the JSON report, and apply repairs what it manages.
 fn breakages_turn_their_checks_red() {
     let inventory = repository_inventory();
 
@@ -908,7 +908,7 @@ fn cut_connection_fails_only_its_host() {
     assert_eq!(host(&report, "web")["outcome"], "changed", "{report:#}");
 }
 
-/// Each worker instance in a `status --format json` report and whether it is alive.
+/// Lists each worker instance in a `status --format json` report and whether it is alive.
 fn workers_alive(report: &Value) -> Vec<(String, bool)> {
     report["workers"]
         .as_array()
@@ -940,8 +940,8 @@ fn allowed_sources(host_name: &str, port: u16) -> Vec<String> {
     sources
 }
 
-/// The systemd times (microseconds) at which the worker on `host_name` last began stopping
-/// and was last started again.
+/// Returns the systemd times (microseconds) at which the worker on `host_name` last began
+/// stopping and was last started again.
 fn restart_window(host_name: &str) -> (u64, u64) {
     let journal = lab_ssh(
         host_name,
@@ -967,10 +967,10 @@ fn restart_window(host_name: &str) -> (u64, u64) {
     )
 }
 
-/// `inventory add-host` adds a second worker keeping every comment; the lab and apply follow:
-/// Redis and PostgreSQL open to it alone, nothing else restarts, and verify sees both workers
-/// consume. A new build rolls out one worker at a time while jobs are pushed, losing none.
-/// `inventory remove-host` and apply close the access again.
+/// Checks that `inventory add-host` adds a second worker keeping every comment, and that the
+/// lab and apply follow: Redis and PostgreSQL open to it alone, nothing else restarts, and
+/// verify reports both workers consuming. A new build then rolls out one worker at a time
+/// while jobs are pushed, losing none. `inventory remove-host` and apply close the access again.
 fn second_worker_joins_and_leaves(dir: &Path) {
     let original = std::fs::read_to_string(repository_inventory()).expect("inventory.yaml");
     let inventory = dir.join("scaled.yaml");

@@ -61,9 +61,10 @@ pub enum SnapshotError {
         #[source]
         source: redis::RedisError,
     },
-    #[error("reading {what} from Redis failed")]
+    #[error("reading {item} from Redis failed")]
     Read {
-        what: &'static str,
+        /// What was being read, such as `the queue length`.
+        item: &'static str,
         #[source]
         source: redis::RedisError,
     },
@@ -392,8 +393,8 @@ fn escape_glob(text: &str) -> String {
     escaped
 }
 
-fn read_error(what: &'static str) -> impl FnOnce(redis::RedisError) -> SnapshotError {
-    move |source| SnapshotError::Read { what, source }
+fn read_error(item: &'static str) -> impl FnOnce(redis::RedisError) -> SnapshotError {
+    move |source| SnapshotError::Read { item, source }
 }
 
 #[cfg(test)]
